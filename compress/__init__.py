@@ -1,0 +1,1 @@
+"""Compression: distillation, structural pruning, quantization-aware training, reparameterization."""

@@ -1,0 +1,3 @@
+from edgemt.cli import main
+
+raise SystemExit(main())

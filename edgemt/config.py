@@ -1,0 +1,283 @@
+"""Typed recipes: dataclasses loaded from YAML with strict validation.
+
+``load_recipe("demo")`` reads ``edgemt/recipes/demo.yaml`` shipped inside the
+package; any other argument is a path. Unknown keys and bad values raise
+:class:`~edgemt.errors.ConfigError` naming the field's path (``train.lr``) and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from edgemt.errors import ConfigError
+from edgemt.tasks import TASKS
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ExportConfig",
+    "ValidateConfig",
+    "Recipe",
+    "load_recipe",
+    "list_recipes",
+    "from_dict",
+    "to_dict",
+]
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Synthetic scene generation (used when ``dataset: synthetic``)."""
+
+    train: int = 400
+    val: int = 100
+    size: tuple[int, int] = (96, 128)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "nyud", "pascal"] = "synthetic"
+    root: str = "data/synthetic"
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["semseg", "depth", "normals", "edge"])
+    # Training crop (H, W); the validation split is padded to a multiple of ``pad_to``.
+    crop: tuple[int, int] = (96, 128)
+    scale: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    jitter: bool = True
+    pad_to: int = 32
+    workers: int = 0
+    synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "baseline-s"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    schedule: Literal["poly", "constant"] = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    clip_grad: float = 10.0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    seed: int = 0
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # Per-task loss weights; tasks not named use the registry default.
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_minutes: float = 0.0  # 0: no wall-clock limit; else stop after this long
+
+
+@dataclasses.dataclass
+class ParityThresholds:
+    """Per-precision agreement between an exported artifact and its PyTorch model."""
+
+    semseg_agreement: float = 0.99  # fraction of pixels with the same argmax
+    depth_rel_err: float = 0.01  # mean |a-b| / b over valid pixels
+    normals_deg: float = 1.0  # mean angle between the two predictions
+    edge_f: float = 0.95  # boundary F of one thresholded map against the other
+    saliency_agreement: float = 0.99
+    human_parts_agreement: float = 0.99
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["onnx-fp32"])
+    opset: int = 18
+    batch: int = 1
+
+
+@dataclasses.dataclass
+class ValidateConfig:
+    threads: int = 1
+    warmup: int = 5
+    runs: int = 30
+    max_images: int = 0  # 0: the whole validation split
+    parity: dict[str, ParityThresholds] = dataclasses.field(
+        default_factory=lambda: {"fp32": ParityThresholds()}
+    )
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str = "demo"
+    runs_dir: str = "runs"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
+    pipeline: list[str] = dataclasses.field(
+        default_factory=lambda: ["data", "teacher", "export", "validate", "report"]
+    )
+
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.data.tasks):
+            if t not in TASKS:
+                raise ConfigError(f"data.tasks[{i}]: unknown task {t!r}; allowed: {sorted(TASKS)}")
+        if not self.data.tasks:
+            raise ConfigError(f"data.tasks: empty; allowed: {sorted(TASKS)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------- generic loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of {_fields(tp)}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, typing.List):  # noqa: UP006
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {_convert(k, kt, path): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    names = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        p = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{p}: unknown key; allowed keys here: {names}")
+        kwargs[key] = _convert(value, hints[key], p)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain JSON/YAML-able values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def list_recipes() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("edgemt.recipes").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Load a shipped recipe by name, or a YAML file by path.
+
+    ``overrides`` maps dotted paths (``train.steps``) to values, applied before
+    validation.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key or bad value.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"{p}: recipe file does not exist")
+        text, source = p.read_text(), str(p)
+    else:
+        res = resources.files("edgemt.recipes") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(
+                f"{name_or_path!r} is neither a recipe file nor a shipped recipe; shipped: {list_recipes()}"
+            )
+        text, source = res.read_text(), f"recipe {name_or_path!r}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    try:
+        return from_dict(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,124 @@
+"""One registry and one factory for every multi-task model.
+
+Each variant is a thin function decorated with :func:`register_model`;
+``create_model(name, tasks=..., **cfg)`` builds it and ``list_models('pat*')``
+lists them. A built model records ``arch()`` (registry name, tasks, kwargs),
+which together with a safetensors state dict rebuilds it without pickle.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgemt.errors import ConfigError, DataError
+from edgemt.io import load_weights, read_json, save_weights, write_json
+from edgemt.tasks import Task, get_task
+
+__all__ = [
+    "MultiTaskModel",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_from_arch",
+    "save_model",
+    "load_model",
+]
+
+_REGISTRY: dict[str, Callable[..., MultiTaskModel]] = {}
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: one image in, a dict of raw per-task outputs at input size out."""
+
+    # Set by create_model so that arch() can rebuild the model.
+    registry_name: str = ""
+    registry_kwargs: dict[str, Any]
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ConfigError("a model needs at least one task")
+        self.tasks = list(tasks)
+        self.task_names = [t.name for t in tasks]
+        self.registry_kwargs = {}
+
+    def arch(self) -> dict[str, Any]:
+        return {
+            "name": self.registry_name,
+            "tasks": [{"name": t.name, "channels": t.channels} for t in self.tasks],
+            "kwargs": dict(self.registry_kwargs),
+        }
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward pass (e.g. load balancing); none by default."""
+        return {}
+
+
+def register_model(fn: Callable[..., MultiTaskModel]) -> Callable[..., MultiTaskModel]:
+    name = fn.__name__.replace("_", "-")
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} registered twice")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    _import_builtin_models()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def _import_builtin_models() -> None:
+    # Registered variants live in their own modules; importing them fills the registry.
+    from edgemt.models import baseline  # noqa: F401
+
+
+def create_model(name: str, *, tasks: Sequence[Task], **kwargs: Any) -> MultiTaskModel:
+    """Build registered model ``name`` for ``tasks``.
+
+    Raises:
+        ConfigError: unknown model name or keyword.
+    """
+    _import_builtin_models()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}")
+    try:
+        model = _REGISTRY[name](tasks=list(tasks), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {name!r}: {e}") from None
+    model.registry_name = name
+    model.registry_kwargs = dict(kwargs)
+    return model
+
+
+def model_from_arch(arch: Mapping[str, Any]) -> MultiTaskModel:
+    try:
+        tasks = [get_task(t["name"]).with_channels(t["channels"]) for t in arch["tasks"]]
+        return create_model(arch["name"], tasks=tasks, **arch.get("kwargs", {}))
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"arch.json: missing or malformed field {e}") from None
+
+
+def save_model(directory: str | Path, model: MultiTaskModel, metadata: Mapping[str, str] | None = None) -> None:
+    directory = Path(directory)
+    write_json(directory / "arch.json", model.arch())
+    save_weights(directory / "weights.safetensors", model.state_dict(), metadata)
+
+
+def load_model(directory: str | Path, device: str = "cpu") -> MultiTaskModel:
+    """Rebuild a model from ``arch.json`` + ``weights.safetensors`` (strict keys)."""
+    directory = Path(directory)
+    model = model_from_arch(read_json(directory / "arch.json"))
+    state = load_weights(directory / "weights.safetensors", device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(
+            f"{directory / 'weights.safetensors'}: weights do not match arch.json "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model.to(device)

@@ -1,0 +1,1 @@
+"""Targets: export per format, runtimes, validation (accuracy, parity, latency) and reports."""

@@ -1,0 +1,1 @@
+"""Training: the trainer (AMP, DDP via torchrun, checkpoints, exact resume), schedules, stages."""
