@@ -1,0 +1,42 @@
+"""Pipeline stages and CLI verbs of the training package: ``teacher`` / ``edgemt train``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgemt.data import build_dataset
+from edgemt.io import write_json
+from edgemt.models import create_model, save_model
+from edgemt.models.profile import count_macs, count_params
+from edgemt.pipeline import StageContext
+from edgemt.tasks import resolve_tasks
+from edgemt.train.trainer import Trainer
+
+__all__ = ["train_model_stage"]
+
+
+def train_model_stage(ctx: StageContext) -> dict[str, Any]:
+    """Train the recipe's teacher model on its dataset; save it as arch.json + safetensors."""
+    r = ctx.recipe
+    train_set = build_dataset(r.data, "train", train=True, seed=r.train.seed)
+    val_set = build_dataset(r.data, "val", train=False)
+    tasks = resolve_tasks(r.data.tasks, train_set.num_classes)
+    model = create_model(r.teacher.name, tasks=tasks, **r.teacher.kwargs)
+    trainer = Trainer(model, tasks, train_set, ctx.stage_dir, r.train, val_set=val_set, progress=ctx.progress,
+                      workers=r.data.workers)
+    result = trainer.fit(resume=True)
+    if not trainer.dist.is_main:
+        return {}
+    model.cpu().eval()
+    save_model(ctx.stage_dir, model)
+    write_json(ctx.stage_dir / "history.json", result.history)
+    return {
+        "model": r.teacher.name,
+        "params": count_params(model),
+        "macs": count_macs(model, tuple(r.data.crop)),
+        "macs_input": list(r.data.crop),
+        "steps": result.steps,
+        "train_time_s": round(result.wall_s, 1),
+        "stopped_early": result.stopped_early,
+        "metrics": result.metrics,
+    }
