@@ -128,8 +128,8 @@ def _balanced_ce(raw: torch.Tensor, label: torch.Tensor, task: Task) -> torch.Te
     if not valid.any():
         return raw.sum() * 0.0
     pos = (label == 1) & valid
-    w_pos = 1.0 - pos.sum().float() / valid.sum().float()
-    weight = torch.stack([w_pos, 1.0 - w_pos]).to(raw.dtype).clamp_min(1e-3).float()
+    w_pos = 1.0 - pos.sum().float() / valid.sum().float()  # the rarer the positives, the heavier
+    weight = torch.stack([1.0 - w_pos, w_pos]).clamp_min(1e-3).float()  # index = class id
     return F.cross_entropy(raw.float(), label, weight=weight, ignore_index=IGNORE_INDEX)
 
 

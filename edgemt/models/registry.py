@@ -115,7 +115,10 @@ def load_model(directory: str | Path, device: str = "cpu") -> MultiTaskModel:
     directory = Path(directory)
     model = model_from_arch(read_json(directory / "arch.json"))
     state = load_weights(directory / "weights.safetensors", device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise DataError(f"{directory / 'weights.safetensors'}: weights do not match arch.json ({e})") from None
     if missing or unexpected:
         raise DataError(
             f"{directory / 'weights.safetensors'}: weights do not match arch.json "
