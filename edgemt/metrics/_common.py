@@ -29,7 +29,9 @@ def to_numpy(x: ArrayLike, name: str = "input") -> np.ndarray:
 def check_spatial(pred: np.ndarray, label: np.ndarray, pred_ndim: tuple[int, ...], what: str) -> None:
     """Raise ValueError (naming both shapes) unless batch and spatial sizes agree."""
     if pred.ndim not in pred_ndim:
-        raise ValueError(f"{what}: pred has shape {tuple(pred.shape)}; expected {' or '.join(f'{d}-D' for d in pred_ndim)}")
+        raise ValueError(
+            f"{what}: pred has shape {tuple(pred.shape)}; expected {' or '.join(f'{d}-D' for d in pred_ndim)}"
+        )
     if pred.shape[0] != label.shape[0] or pred.shape[-2:] != label.shape[-2:]:
         raise ValueError(
             f"{what}: pred shape {tuple(pred.shape)} does not match label shape {tuple(label.shape)} "

@@ -46,7 +46,9 @@ class DepthMeter:
             pred = pred[:, None]
         check_spatial(pred, label, (4,), "depth")
         if pred.shape != label.shape or pred.shape[1] != 1:
-            raise ValueError(f"depth: pred shape {tuple(pred.shape)} and label shape {tuple(label.shape)} must both be (B, 1, H, W)")
+            raise ValueError(
+                f"depth: pred shape {tuple(pred.shape)} and label shape {tuple(label.shape)} must both be (B, 1, H, W)"
+            )
         g = label.astype(np.float64)
         valid = np.isfinite(g) & (g > self.min_depth) & (g < self.max_depth)
         g = g[valid]

@@ -9,9 +9,10 @@ root mean square, ``within_*`` the percentage of pixels with error below
 11.25 / 22.5 / 30 degrees (exact counts).
 
 The median needs every error of the split; to stay O(1) in memory the meter
-keeps a histogram with ``bin_deg`` (0.01 degree) bins over [0, 180] and
-interpolates linearly inside the bin that holds the middle element, so
-``median_err`` is exact to within one bin width.
+keeps a histogram with ``bin_deg`` (0.01 degree) bins over [0, 180] and takes
+the centre of the bin holding each middle order statistic (their mean for an
+even count, like ``np.median``), so ``median_err`` is exact to within half a
+bin width.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class NormalsMeter:
         label = to_numpy(label, "label")
         check_spatial(pred, label, (4,), "normals")
         if pred.shape != label.shape or pred.shape[1] != 3:
-            raise ValueError(f"normals: pred shape {tuple(pred.shape)} and label shape {tuple(label.shape)} must both be (B, 3, H, W)")
+            raise ValueError(
+                f"normals: pred shape {tuple(pred.shape)} and label shape {tuple(label.shape)} must both be (B, 3, H, W)"
+            )
         g = np.moveaxis(label.astype(np.float64), 1, -1)  # (B, H, W, 3)
         p = np.moveaxis(pred.astype(np.float64), 1, -1)
         valid = np.any(g != 0, axis=-1) & np.all(np.isfinite(g), axis=-1)
@@ -69,13 +72,15 @@ class NormalsMeter:
         idx = np.minimum((err / self.bin_deg).astype(np.int64), self.n_bins - 1)
         self.hist += np.bincount(idx, minlength=self.n_bins)
 
+    def _order_stat(self, q: int, cum: np.ndarray) -> float:
+        """Centre of the bin holding the ``q``-th smallest error (0-based)."""
+        k = int(np.searchsorted(cum, q + 1, side="left"))
+        return (k + 0.5) * self.bin_deg
+
     def _median(self) -> float:
-        half = self.n / 2.0
         cum = np.cumsum(self.hist)
-        k = int(np.searchsorted(cum, half, side="left"))
-        before = cum[k - 1] if k > 0 else 0
-        frac = (half - before) / max(self.hist[k], 1)
-        return float((k + frac) * self.bin_deg)
+        lo, hi = (self.n - 1) // 2, self.n // 2  # the two middle order statistics (equal when n is odd)
+        return 0.5 * (self._order_stat(lo, cum) + self._order_stat(hi, cum))
 
     def compute(self) -> dict[str, float]:
         if self.n == 0:

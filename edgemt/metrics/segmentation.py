@@ -67,9 +67,8 @@ class SegmentationMeter:
                     f"expected num_classes={self.num_classes} (label shape {tuple(label.shape)})"
                 )
             pred = pred.argmax(axis=1)
-        elif np.issubdtype(pred.dtype, np.floating):
-            if not np.all(pred == np.round(pred)):
-                raise ValueError("segmentation: a (B, H, W) pred must hold integer class ids")
+        elif np.issubdtype(pred.dtype, np.floating) and not np.all(pred == np.round(pred)):
+            raise ValueError("segmentation: a (B, H, W) pred must hold integer class ids")
         pred = pred.astype(np.int64)
         label = label.astype(np.int64)
         valid = label != self.ignore_index
@@ -81,7 +80,9 @@ class SegmentationMeter:
                 f"found [{g.min()}, {g.max()}]"
             )
         if p.size and (p.min() < 0 or p.max() >= self.num_classes):
-            raise ValueError(f"segmentation: predicted class ids must be in [0, {self.num_classes}); found [{p.min()}, {p.max()}]")
+            raise ValueError(
+                f"segmentation: predicted class ids must be in [0, {self.num_classes}); found [{p.min()}, {p.max()}]"
+            )
         c = self.num_classes
         self.confusion += np.bincount(g * c + p, minlength=c * c).reshape(c, c)
 
