@@ -71,8 +71,14 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from edgemt.data.synthetic import generate
 
     out = generate(
-        args.out, args.train, args.val, size=args.size, seed=args.seed, overwrite=args.overwrite,
-        progress=_progress(args), workers=args.workers,
+        args.out,
+        args.train,
+        args.val,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+        workers=args.workers,
     )
     print(f"wrote {args.train} train + {args.val} val scenes to {out}")
     return 0

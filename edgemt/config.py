@@ -105,6 +105,8 @@ class ExportConfig:
     targets: list[str] = dataclasses.field(default_factory=lambda: ["onnx-fp32"])
     opset: int = 18
     batch: int = 1
+    # (H, W) of the exported graph; default: the padded size of the validation images.
+    input_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -113,9 +115,7 @@ class ValidateConfig:
     warmup: int = 5
     runs: int = 30
     max_images: int = 0  # 0: the whole validation split
-    parity: dict[str, ParityThresholds] = dataclasses.field(
-        default_factory=lambda: {"fp32": ParityThresholds()}
-    )
+    parity: dict[str, ParityThresholds] = dataclasses.field(default_factory=lambda: {"fp32": ParityThresholds()})
 
 
 @dataclasses.dataclass
@@ -127,9 +127,7 @@ class Recipe:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
-    pipeline: list[str] = dataclasses.field(
-        default_factory=lambda: ["data", "teacher", "export", "validate", "report"]
-    )
+    pipeline: list[str] = dataclasses.field(default_factory=lambda: ["data", "teacher", "export", "validate", "report"])
 
     def __post_init__(self) -> None:
         for i, t in enumerate(self.data.tasks):
@@ -245,7 +243,7 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Load a shipped recipe by name, or a YAML file by path.
+    """Load a shipped recipe by name, a YAML file by path, or a run directory's ``recipe.yaml``.
 
     ``overrides`` maps dotted paths (``train.steps``) to values, applied before
     validation.
@@ -254,6 +252,10 @@ def load_recipe(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
         ConfigError: missing file, YAML syntax error, unknown key or bad value.
     """
     p = Path(name_or_path)
+    if p.is_dir():  # a run directory: the recipe it was run with
+        if not (p / "recipe.yaml").is_file():
+            raise ConfigError(f"{p}: a directory without recipe.yaml; expected a run directory or a recipe file")
+        p = p / "recipe.yaml"
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise ConfigError(f"{p}: recipe file does not exist")

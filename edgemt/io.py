@@ -106,7 +106,9 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
-def save_weights(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write tensors to a safetensors file atomically (contiguous copies, no aliasing)."""
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}
     # safetensors refuses tensors that share storage (tied weights): clone those.

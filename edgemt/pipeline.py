@@ -125,7 +125,11 @@ def _inputs_hash(recipe: Recipe, stage: Stage, parent_manifest: dict[str, Any] |
 
 
 def _outputs_hash(stage_dir: Path) -> str:
-    files = sorted(p for p in stage_dir.rglob("*") if p.is_file() and p.name != "manifest.json" and "tb" not in p.parts and "checkpoints" not in p.parts)
+    files = sorted(
+        p
+        for p in stage_dir.rglob("*")
+        if p.is_file() and p.name != "manifest.json" and "tb" not in p.parts and "checkpoints" not in p.parts
+    )
     return config_hash({str(p.relative_to(stage_dir)): file_hash(p) for p in files})
 
 
@@ -133,6 +137,16 @@ def _validate_order(recipe: Recipe, reg: Registry) -> None:
     for i, name in enumerate(recipe.pipeline):
         if name not in reg.stages:
             raise ConfigError(f"pipeline[{i}]: unknown stage {name!r}; available: {sorted(reg.stages)}")
+
+
+def _save_recipe(recipe: Recipe) -> None:
+    """Keep the resolved recipe in the run directory, so ``edgemt validate runs/demo`` works."""
+    import yaml
+
+    from edgemt.io import atomic_path
+
+    with atomic_path(recipe.run_dir / "recipe.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
 
 def run_stage(recipe: Recipe, name: str, *, force: bool = False, progress: bool = True, echo=print) -> dict[str, Any]:
@@ -151,6 +165,7 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, progress: bool 
             f"incomplete; run `edgemt pipeline {recipe.name}` or the {parent!r} stage first"
         )
     stage_dir = recipe.run_dir / (stage.dir_name or name)
+    _save_recipe(recipe)
     want = _inputs_hash(recipe, stage, parent_manifest)
     have = read_manifest(stage_dir)
     if not force and have is not None and have.get("inputs_hash") == want:

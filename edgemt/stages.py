@@ -34,7 +34,13 @@ def ensure_dataset(recipe: Recipe, progress: bool = True, echo=print) -> dict[st
     # Constructing both splits checks the layout and every file the tasks need.
     sizes = {split: len(build_dataset(cfg, split, train=False)) for split in ("train", "val")}
     fingerprint: dict[str, Any] = {"dataset": cfg.dataset, "root": str(root), "samples": sizes}
-    for rel in ("meta.json", "gt_sets/train.txt", "gt_sets/val.txt", "ImageSets/Context/train.txt", "ImageSets/Context/val.txt"):
+    for rel in (
+        "meta.json",
+        "gt_sets/train.txt",
+        "gt_sets/val.txt",
+        "ImageSets/Context/train.txt",
+        "ImageSets/Context/val.txt",
+    ):
         if (root / rel).is_file():
             fingerprint[rel] = file_hash(root / rel)
     return fingerprint

@@ -101,7 +101,7 @@ def resolve_tasks(names: Iterable[str], num_classes: Mapping[str, int] | None = 
     """
     names = list(names)
     if not names:
-        raise ConfigError("the task list is empty; expected at least one of " f"{sorted(TASKS)}")
+        raise ConfigError(f"the task list is empty; expected at least one of {sorted(TASKS)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"duplicate task in {names}")
     out = []

@@ -35,7 +35,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("data: {crop: [96]}", r"data\.crop: expected a list of 2 values"),
         ("data: {synth: {train: 1.5}}", r"data\.synth\.train: expected an integer"),
         ("data: {flip: yes please}", r"data\.flip: expected true or false"),
-        ("validate: {parity: {fp32: {semseg_agreement: x}}}", r"validate\.parity\.fp32\.semseg_agreement: expected a number"),
+        (
+            "validate: {parity: {fp32: {semseg_agreement: x}}}",
+            r"validate\.parity\.fp32\.semseg_agreement: expected a number",
+        ),
         ("- just\n- a list", r"expected a mapping at the top level"),
         ("train: [", r"invalid YAML"),
     ],

@@ -83,7 +83,10 @@ def test_every_registered_model_forward_backward(name: str) -> None:
     m = create_model(name, tasks=TASKS4)
     out = m(torch.randn(2, 3, 64, 96))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "semseg": (2, 13, 64, 96), "depth": (2, 1, 64, 96), "normals": (2, 3, 64, 96), "edge": (2, 1, 64, 96)
+        "semseg": (2, 13, 64, 96),
+        "depth": (2, 1, 64, 96),
+        "normals": (2, 3, 64, 96),
+        "edge": (2, 1, 64, 96),
     }
     sum(v.mean() for v in out.values()).backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

@@ -43,8 +43,14 @@ class RandomScenes(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        s = {"image": self.images[i], "id": str(i), "semseg": self.semseg[i], "depth": self.depth[i],
-             "normals": self.normals[i], "edge": self.edge[i]}
+        s = {
+            "image": self.images[i],
+            "id": str(i),
+            "semseg": self.semseg[i],
+            "depth": self.depth[i],
+            "normals": self.normals[i],
+            "edge": self.edge[i],
+        }
         if torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(self.epoch * 1000 + i)).item():
             s = {k: (v.flip(-1) if torch.is_tensor(v) else v) for k, v in s.items()}
             s["normals"] = s["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
@@ -158,7 +164,10 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

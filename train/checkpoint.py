@@ -85,7 +85,9 @@ def load_checkpoint(
     model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     if missing or unexpected:
-        raise DataError(f"{json_path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise DataError(
+            f"{json_path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if optimizer is not None:
         _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     if "rng/torch" in tensors:

@@ -15,4 +15,6 @@ def register(reg) -> None:
     reg.add_stage(
         Stage("teacher", run, "train the teacher model", sections=("data", "teacher", "train"), produces_model=True)
     )
-    reg.add_command(stage_command("train", "teacher", "train the recipe's teacher (the 'teacher' stage; resumes from checkpoints)"))
+    reg.add_command(
+        stage_command("train", "teacher", "train the recipe's teacher (the 'teacher' stage; resumes from checkpoints)")
+    )

@@ -22,8 +22,9 @@ def train_model_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(r.data, "val", train=False)
     tasks = resolve_tasks(r.data.tasks, train_set.num_classes)
     model = create_model(r.teacher.name, tasks=tasks, **r.teacher.kwargs)
-    trainer = Trainer(model, tasks, train_set, ctx.stage_dir, r.train, val_set=val_set, progress=ctx.progress,
-                      workers=r.data.workers)
+    trainer = Trainer(
+        model, tasks, train_set, ctx.stage_dir, r.train, val_set=val_set, progress=ctx.progress, workers=r.data.workers
+    )
     result = trainer.fit(resume=True)
     if not trainer.dist.is_main:
         return {}

@@ -79,9 +79,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - step / max(1, cfg.steps)) ** cfg.poly_power
 
 
-def multitask_loss(
-    tasks: Sequence[Task], weights: Mapping[str, float]
-) -> LossFn:
+def multitask_loss(tasks: Sequence[Task], weights: Mapping[str, float]) -> LossFn:
     """Weighted sum of each task's loss plus the model's auxiliary losses."""
     w = {t.name: float(weights.get(t.name, t.loss_weight)) for t in tasks}
 
@@ -162,9 +160,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-        )
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.ckpt_dir = self.out_dir / "checkpoints"
 
     # ------------------------------------------------------------------ data order
@@ -204,9 +200,7 @@ class Trainer:
     def _evaluate(self) -> dict[str, dict[str, float]]:
         if self.val_set is None or not self.dist.is_main:
             return {}
-        return evaluate(
-            self.model, self.val_set, self.tasks, device=self.device, metric_options=self.metric_options
-        )
+        return evaluate(self.model, self.val_set, self.tasks, device=self.device, metric_options=self.metric_options)
 
     def _checkpoint(self, step: int, history: list[dict[str, Any]]) -> None:
         if self.dist.is_main:
@@ -299,5 +293,10 @@ class Trainer:
                 for k, v in vals.items():
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         writer.add_scalar(f"val/{task}/{k}", v, step)
-            history.append({"step": step, "val": {t: {k: v for k, v in m.items() if not isinstance(v, list)} for t, m in metrics.items()}})
+            history.append(
+                {
+                    "step": step,
+                    "val": {t: {k: v for k, v in m.items() if not isinstance(v, list)} for t, m in metrics.items()},
+                }
+            )
         return metrics

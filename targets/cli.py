@@ -1,0 +1,63 @@
+"""Registers the targets package's stages and verbs with the core (entry point ``edgemt.plugins``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _with_targets(verb: str, stage: str, help_text: str):
+    """A stage verb that also takes ``--targets`` (overrides ``export.targets``)."""
+    from edgemt.cli import stage_command
+
+    cmd = stage_command(verb, stage, help_text)
+    base_configure, base_run = cmd.configure, cmd.run
+
+    def configure(p: argparse.ArgumentParser) -> None:
+        base_configure(p)
+        p.add_argument("--targets", nargs="+", metavar="TARGET", help="targets to use (default: the recipe's)")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.targets:
+            args.overrides.append(f"export.targets=[{', '.join(args.targets)}]")
+        return base_run(args)
+
+    cmd.configure, cmd.run = configure, run
+    return cmd
+
+
+def register(reg) -> None:
+    from edgemt.cli import stage_command
+    from edgemt.pipeline import Stage
+
+    def lazy(fn_name: str):
+        def run(ctx):
+            from edgemt.targets import stages
+
+            return getattr(stages, fn_name)(ctx)
+
+        return run
+
+    reg.add_stage(
+        Stage(
+            "export",
+            lazy("export_stage"),
+            "export the model to every target",
+            sections=("data", "export"),
+            needs_model=True,
+        )
+    )
+    reg.add_stage(
+        Stage(
+            "validate", lazy("validate_stage"), "accuracy, parity and latency per target", sections=("data", "validate")
+        )
+    )
+    reg.add_stage(
+        Stage(
+            "report", lazy("report_stage"), "write report.md and report.json", sections=("data", "validate", "export")
+        )
+    )
+    reg.add_command(_with_targets("export", "export", "export the latest model stage to the recipe's targets"))
+    reg.add_command(
+        _with_targets("validate", "validate", "validate every exported target (exit 1 when a target misses its gate)")
+    )
+    reg.add_command(stage_command("report", "report", "write the run's report (Markdown + JSON)"))

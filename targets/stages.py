@@ -1,0 +1,185 @@
+"""Pipeline stages of the targets package: ``export``, ``validate`` and ``report``.
+
+* ``export`` writes ``export/<target>/model<suffix>`` for every target of the
+  recipe; a target that fails to export is recorded with its reason and the
+  others carry on.
+* ``validate`` runs the validation split through each artifact's own runtime
+  (accuracy, parity with the PyTorch model, latency, size) and marks the
+  stage failed when any target misses its gate.
+* ``report`` gathers the model stages and the validation into
+  ``report/report.md`` and ``report/report.json``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+from edgemt.config import Recipe
+from edgemt.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from edgemt.errors import ConfigError
+from edgemt.io import file_hash, read_json, read_manifest, write_json
+from edgemt.models import load_model
+from edgemt.models.profile import count_macs
+from edgemt.pipeline import StageContext, registry
+from edgemt.targets.registry import get_target
+
+__all__ = ["export_stage", "validate_stage", "report_stage", "metric_options", "eval_input_size"]
+
+
+def metric_options(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Per-task metric options of the recipe's dataset (the boundary radius differs)."""
+    opts: dict[str, dict[str, Any]] = {}
+    if "edge" in recipe.data.tasks:
+        opts["edge"] = {"max_dist_ratio": 0.0075 if recipe.data.dataset == "pascal" else 0.011}
+    return opts
+
+
+def eval_input_size(recipe: Recipe) -> tuple[int, int]:
+    """The (padded) size of the validation images, which the artifacts are exported at."""
+    if recipe.export.input_size is not None:
+        return tuple(recipe.export.input_size)
+    val = build_dataset(recipe.data, "val", train=False)
+    return tuple(int(v) for v in val[0]["image"].shape[-2:])
+
+
+def export_stage(ctx: StageContext) -> dict[str, Any]:
+    recipe = ctx.recipe
+    for name in recipe.export.targets:
+        get_target(name)  # unknown names fail before any work
+    model_dir = ctx.parent_dir
+    model = load_model(model_dir).eval()
+    size = eval_input_size(recipe)
+    train_set = build_dataset(recipe.data, "val", train=False)
+    source_hash = file_hash(model_dir / "weights.safetensors")
+    results: dict[str, Any] = {}
+    for name in recipe.export.targets:
+        spec = get_target(name)
+        from edgemt.targets.onnx import make_metadata
+
+        meta = make_metadata(
+            model.tasks,
+            input_size=size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            classes=getattr(train_set, "class_names", {}),
+            deploy_form=spec.deploy_form,
+            source_hash=source_hash,
+            model_name=model.registry_name,
+            extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
+        )
+        path = ctx.stage_dir / name / f"model{spec.suffix}"
+        try:
+            spec.export(
+                model, path, input_size=size, metadata=meta, opset=recipe.export.opset, batch=recipe.export.batch
+            )
+            results[name] = {
+                "status": "exported",
+                "path": str(path.relative_to(ctx.stage_dir)),
+                "size_bytes": path.stat().st_size,
+                "deploy_form": spec.deploy_form,
+            }
+            print(f"[export] {name}: {path} ({path.stat().st_size / 1e6:.2f} MB, deploy form {spec.deploy_form})")
+        except Exception as e:  # one failing target never stops the others
+            results[name] = {
+                "status": "export_failed",
+                "reason": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=5),
+            }
+            print(f"[export] {name}: FAILED ({type(e).__name__}: {e})")
+    return {"input_size": list(size), "source_dir": str(model_dir), "source_hash": source_hash, "targets": results}
+
+
+def validate_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.targets.report import export_failed_entry
+    from edgemt.targets.runtime import TorchModel
+    from edgemt.targets.validate import validate_runtime
+
+    recipe = ctx.recipe
+    exported = read_manifest(ctx.parent_dir)
+    model = load_model(exported["source_dir"]).eval()
+    val_set = build_dataset(recipe.data, "val", train=False)
+    macs = count_macs(model, tuple(exported["input_size"]))
+    reference = TorchModel(model, threads=recipe.validate.threads)
+    rows = []
+    for name, info in exported["targets"].items():
+        spec = get_target(name)
+        if info["status"] != "exported":
+            rows.append(export_failed_entry(name, spec.precision, info.get("reason", "export failed")))
+            continue
+        if recipe.validate.parity.get(spec.precision) is None:
+            raise ConfigError(f"validate.parity: no thresholds for precision {spec.precision!r} (target {name})")
+        try:
+            runtime = spec.load(ctx.parent_dir / info["path"], threads=recipe.validate.threads, target=name)
+            row = validate_runtime(
+                runtime,
+                reference,
+                val_set,
+                model.tasks,
+                cfg=recipe.validate,
+                precision=spec.precision,
+                metric_options=metric_options(recipe),
+                target=name,
+                macs=macs,
+            )
+        except Exception as e:  # a runtime that cannot load or run fails its own row only
+            row = {
+                "target": name,
+                "precision": spec.precision,
+                "status": "failed_validation",
+                "reasons": [f"{type(e).__name__}: {e}"],
+            }
+        row.update({"deploy_form": info.get("deploy_form"), "runtime": spec.runtime, "format": spec.format})
+        rows.append(row)
+        print(f"[validate] {name}: {row['status']}" + (f" ({'; '.join(row['reasons'])})" if row.get("reasons") else ""))
+    write_json(ctx.stage_dir / "results.json", rows)
+    failed = [r["target"] for r in rows if r["status"] != "passed"]
+    return {
+        "targets": {r["target"]: r["status"] for r in rows},
+        "status": "failed" if failed else "passed",
+        "exit_code": 1 if failed else 0,
+    }
+
+
+def _model_stage_rows(recipe: Recipe) -> list[dict[str, Any]]:
+    reg = registry()
+    rows = []
+    for name in recipe.pipeline:
+        stage = reg.stages[name]
+        m = read_manifest(recipe.run_dir / (stage.dir_name or name))
+        if stage.produces_model and m:
+            rows.append(
+                {
+                    "stage": name,
+                    "model": m.get("model"),
+                    "params": m.get("params"),
+                    "macs": m.get("macs"),
+                    "train_time_s": m.get("train_time_s"),
+                    "metrics": m.get("metrics", {}),
+                    "artifact_hash": m.get("outputs_hash"),
+                }
+            )
+    return rows
+
+
+def report_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.targets.report import summary_skeleton, write_report
+
+    recipe = ctx.recipe
+    val_set = build_dataset(recipe.data, "val", train=False)
+    summary = summary_skeleton(recipe.name, recipe.data.dataset, val_set.resolved_tasks())
+    summary["stages"] = _model_stage_rows(recipe)
+    results = Path(ctx.parent_dir) / "results.json"
+    summary["targets"] = read_json(results) if results.is_file() else []
+    summary["notes"].append(
+        f"Validation split: {len(val_set)} images of {recipe.data.root}; latency at batch 1 with "
+        f"{recipe.validate.threads} thread(s), {recipe.validate.warmup} warm-up + {recipe.validate.runs} timed runs."
+    )
+    if "edge" in recipe.data.tasks:
+        summary["notes"].append(
+            "Boundary odsF is the Python protocol (NMS + one-to-one matching within maxDist), not MATLAB SEISM."
+        )
+    paths = write_report(ctx.stage_dir, summary)
+    print(f"[report] {paths.get('md', ctx.stage_dir / 'report.md')}")
+    return {"files": {k: str(v) for k, v in paths.items()}}
