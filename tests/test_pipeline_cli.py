@@ -1,0 +1,114 @@
+"""The CLI and the make-like pipeline: exit codes, clear errors, skipping, the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgemt.cli import main
+from tests.fixtures import write_nyud_fixture
+
+VERBS = ["data", "pipeline", "eval", "models", "train", "export", "validate", "report"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: edgemt" in capsys.readouterr().out
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_recipe_file_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["pipeline", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: recipe file does not exist" in _err(capsys)
+
+
+def test_bad_recipe_key_exits_2(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {lr: 0.1, epochs: 3}\n")
+    assert main(["pipeline", str(p)]) == 2
+    assert "train.epochs: unknown key" in _err(capsys)
+
+
+def test_bad_override_exits_2(capsys) -> None:
+    assert main(["pipeline", "demo", "--set", "data.tasks=[semseg, colour]"]) == 2
+    assert "unknown task 'colour'" in _err(capsys)
+    assert main(["pipeline", "demo", "--set", "train.steps"]) == 2
+    assert "expected KEY=VALUE" in _err(capsys)
+
+
+def test_dataset_path_that_does_not_exist_exits_2(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "NYUDv2"
+    code = main(["pipeline", "demo", "--runs-dir", str(tmp_path / "runs"), "--set", "data.dataset=nyud",
+                 "--set", f"data.root={missing}"])
+    assert code == 2
+    assert str(missing) in _err(capsys)
+    assert not (tmp_path / "runs" / "demo" / "data" / "manifest.json").exists()
+
+
+def test_stage_before_its_parent_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["validate", "demo", "--runs-dir", str(tmp_path)]) == 2
+    assert "needs the output of stage 'export'" in _err(capsys)
+
+
+def test_unknown_target_exits_2(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "nyud"
+    write_nyud_fixture(root, n_train=2, n_val=1, size=(32, 32))
+    args = ["pipeline", "demo", "--runs-dir", str(tmp_path / "runs"), "--set", "data.dataset=nyud",
+            "--set", f"data.root={root}", "--set", "export.targets=[onnx-fp64]", "--set", "train.steps=1",
+            "--set", "train.batch_size=1", "--set", "data.crop=[32, 32]", "--no-progress"]
+    assert main(args) == 2
+    assert "unknown target 'onnx-fp64'; available: ['onnx-fp32'" in _err(capsys)
+
+
+def test_data_synth_rejects_bad_size(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--out", str(tmp_path / "d"), "--size", "8x8"])
+    assert e.value.code == 2
+    assert "each side must be >= 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    args = ["pipeline", "demo", "--runs-dir", str(runs), "--no-progress",
+            "--set", f"data.root={data}", "--set", "data.synth={train: 16, val: 4, size: [64, 96], seed: 1}",
+            "--set", "data.crop=[64, 96]", "--set", "train.steps=6", "--set", "train.batch_size=4",
+            "--set", "validate.runs=3", "--set", "validate.warmup=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = runs / "demo" / "report"
+    assert f"report: {report / 'report.md'}" in out
+    summary = json.loads((report / "report.json").read_text())
+    row = summary["targets"][0]
+    assert row["target"] == "onnx-fp32" and row["status"] == "passed"
+    assert set(row["metrics"]) == set(row["metrics_pytorch"]) == {"semseg", "depth", "normals", "edge"}
+    assert row["latency"]["median_ms"] > 0 and row["threads"] == 1
+    md = (report / "report.md").read_text()
+    assert "| onnx-fp32 | passed |" in md
+    for stage in ("data", "teacher", "export", "validate", "report"):
+        m = json.loads((runs / "demo" / stage / "manifest.json").read_text())
+        assert m["stage"] == stage and "inputs_hash" in m and "versions" in m
+    assert (runs / "demo" / "teacher" / "weights.safetensors").is_file()
+
+    # Second run: every stage is up to date.
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 5
+    # A validation setting changed: only validate and report rerun.
+    assert main([*args, "--set", "validate.runs=4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 3 and "[validate] running" in out and "[report] running" in out
+
+    # The run directory works as the recipe argument, e.g. for evaluation.
+    assert main(["eval", str(runs / "demo"), "--no-progress"]) == 0
+    assert "semseg" in capsys.readouterr().out
