@@ -48,8 +48,18 @@ def test_bad_override_exits_2(capsys) -> None:
 
 def test_dataset_path_that_does_not_exist_exits_2(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "NYUDv2"
-    code = main(["pipeline", "demo", "--runs-dir", str(tmp_path / "runs"), "--set", "data.dataset=nyud",
-                 "--set", f"data.root={missing}"])
+    code = main(
+        [
+            "pipeline",
+            "demo",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--set",
+            "data.dataset=nyud",
+            "--set",
+            f"data.root={missing}",
+        ]
+    )
     assert code == 2
     assert str(missing) in _err(capsys)
     assert not (tmp_path / "runs" / "demo" / "data" / "manifest.json").exists()
@@ -63,9 +73,25 @@ def test_stage_before_its_parent_exits_2(tmp_path: Path, capsys) -> None:
 def test_unknown_target_exits_2(tmp_path: Path, capsys) -> None:
     root = tmp_path / "nyud"
     write_nyud_fixture(root, n_train=2, n_val=1, size=(32, 32))
-    args = ["pipeline", "demo", "--runs-dir", str(tmp_path / "runs"), "--set", "data.dataset=nyud",
-            "--set", f"data.root={root}", "--set", "export.targets=[onnx-fp64]", "--set", "train.steps=1",
-            "--set", "train.batch_size=1", "--set", "data.crop=[32, 32]", "--no-progress"]
+    args = [
+        "pipeline",
+        "demo",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--set",
+        "data.dataset=nyud",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "export.targets=[onnx-fp64]",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.batch_size=1",
+        "--set",
+        "data.crop=[32, 32]",
+        "--no-progress",
+    ]
     assert main(args) == 2
     assert "unknown target 'onnx-fp64'; available: ['onnx-fp32'" in _err(capsys)
 
@@ -80,10 +106,27 @@ def test_data_synth_rejects_bad_size(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     runs, data = tmp_path / "runs", tmp_path / "data"
-    args = ["pipeline", "demo", "--runs-dir", str(runs), "--no-progress",
-            "--set", f"data.root={data}", "--set", "data.synth={train: 16, val: 4, size: [64, 96], seed: 1}",
-            "--set", "data.crop=[64, 96]", "--set", "train.steps=6", "--set", "train.batch_size=4",
-            "--set", "validate.runs=3", "--set", "validate.warmup=1"]
+    args = [
+        "pipeline",
+        "demo",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "--set",
+        f"data.root={data}",
+        "--set",
+        "data.synth={train: 16, val: 4, size: [64, 96], seed: 1}",
+        "--set",
+        "data.crop=[64, 96]",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "validate.runs=3",
+        "--set",
+        "validate.warmup=1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     report = runs / "demo" / "report"
