@@ -79,6 +79,8 @@ class TrainConfig:
     clip_grad: float = 10.0
     amp: Literal["auto", "bf16", "off"] = "auto"
     seed: int = 0
+    # Deterministic kernels on GPU (exact resume there too, somewhat slower); CPU is always deterministic.
+    deterministic: bool = False
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 200
     keep_checkpoints: int = 2

@@ -75,13 +75,13 @@ def _weights(model):
 def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     ds = RandomScenes()
     full = _model()
-    Trainer(full, TASKS, ds, tmp_path / "full", _cfg(), progress=False).fit()
+    Trainer(full, TASKS, ds, tmp_path / "full", _cfg(), progress=False, device="cpu").fit()
 
     # Interrupted at step 7 (checkpoints at 5 and 7), then resumed by a fresh trainer and model.
-    Trainer(_model(), TASKS, ds, tmp_path / "part", _cfg(), progress=False).fit(stop_at=7)
+    Trainer(_model(), TASKS, ds, tmp_path / "part", _cfg(), progress=False, device="cpu").fit(stop_at=7)
     assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step-0000007.json"
     resumed = _model()
-    res = Trainer(resumed, TASKS, ds, tmp_path / "part", _cfg(), progress=False).fit()
+    res = Trainer(resumed, TASKS, ds, tmp_path / "part", _cfg(), progress=False, device="cpu").fit()
     assert res.steps == 12
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys()
@@ -93,14 +93,14 @@ def test_resume_without_checkpoint_differs_from_continuing(tmp_path: Path) -> No
     # Guards the test above: a run restarted from scratch for 5 more steps does not match.
     ds = RandomScenes()
     full = _model()
-    Trainer(full, TASKS, ds, tmp_path / "full", _cfg(), progress=False).fit()
+    Trainer(full, TASKS, ds, tmp_path / "full", _cfg(), progress=False, device="cpu").fit()
     other = _model()
-    Trainer(other, TASKS, ds, tmp_path / "o", _cfg(seed=4), progress=False).fit()
+    Trainer(other, TASKS, ds, tmp_path / "o", _cfg(seed=4), progress=False, device="cpu").fit()
     assert not all(torch.equal(a, b) for a, b in zip(_weights(full).values(), _weights(other).values()))
 
 
 def test_checkpoint_files_are_safetensors_and_json(tmp_path: Path) -> None:
-    Trainer(_model(), TASKS, RandomScenes(), tmp_path, _cfg(steps=5), progress=False).fit()
+    Trainer(_model(), TASKS, RandomScenes(), tmp_path, _cfg(steps=5), progress=False, device="cpu").fit()
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["step-0000005.json", "step-0000005.safetensors"]
     meta = json.loads((tmp_path / "checkpoints" / "step-0000005.json").read_text())
@@ -118,7 +118,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
             loss = loss * float("nan")
         return loss, {}
 
-    tr = Trainer(model, TASKS, RandomScenes(), tmp_path, _cfg(), loss_fn=poisoned, progress=False)
+    tr = Trainer(model, TASKS, RandomScenes(), tmp_path, _cfg(), loss_fn=poisoned, progress=False, device="cpu")
     with pytest.raises(TrainingDiverged, match=r"step 7: loss is nan.*step-0000005\.json"):
         tr.fit()
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000005.json"
@@ -134,7 +134,7 @@ def test_poly_schedule_and_warmup() -> None:
 
 def test_batch_larger_than_split_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train.batch_size"):
-        Trainer(_model(), TASKS, RandomScenes(n=3), tmp_path, _cfg(batch_size=4), progress=False)
+        Trainer(_model(), TASKS, RandomScenes(n=3), tmp_path, _cfg(batch_size=4), progress=False, device="cpu")
 
 
 DDP_SCRIPT = r"""
@@ -143,7 +143,7 @@ sys.path.insert(0, {root!r})
 from tests.test_trainer import RandomScenes, _cfg, _model, TASKS
 from edgemt.train.trainer import Trainer
 ds = RandomScenes()
-tr = Trainer(_model(), TASKS, ds, {out!r}, _cfg(steps=6), val_set=RandomScenes(n=4), progress=False)
+tr = Trainer(_model(), TASKS, ds, {out!r}, _cfg(steps=6), val_set=RandomScenes(n=4), progress=False, device="cpu")
 res = tr.fit()
 w = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
 gathered = [torch.zeros_like(w) for _ in range(dist.get_world_size())]

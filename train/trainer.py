@@ -59,14 +59,16 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group that ``torchrun`` set up in the environment, if any."""
+def init_distributed(device_type: str = "cpu") -> DistInfo:
+    """Join the process group that ``torchrun`` set up in the environment, if any.
+
+    nccl for CUDA devices, gloo for the CPU (also on a GPU host when training on CPU).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -132,10 +134,15 @@ class Trainer:
             raise ConfigError(f"train.steps: expected >= 1, got {cfg.steps}")
         if cfg.batch_size < 1:
             raise ConfigError(f"train.batch_size: expected >= 1, got {cfg.batch_size}")
-        self.dist = init_distributed()
         if device is None:
-            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.dist = init_distributed(self.device.type)
+        if cfg.deterministic:
+            # cuDNN otherwise picks the fastest, non-deterministic kernels; resume is then only approximate.
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device)
         self.tasks = list(tasks)
         self.train_set, self.val_set = train_set, val_set
