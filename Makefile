@@ -35,7 +35,7 @@ format: install
 
 bench: install
 	$(PY) benchmarks/synth_throughput.py
-	$(PY) benchmarks/model_sizes_separate.py
+	$(PY) benchmarks/same_budget.py --models baseline-xs baseline-m
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,20 +33,16 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def steps_for_budget(model: torch.nn.Module, batch: dict[str, Any], loss_fn, seconds: float, probe: int = 5) -> int:
-    """Estimate how many training steps of ``model`` fit in ``seconds`` (probe on a copy)."""
-    import copy
+def steps_for_budget(make_trainer, seconds: float, probe: int = 20) -> int:
+    """How many steps fit in ``seconds``, timed on ``probe`` real trainer steps (data loading included).
 
-    m = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
-    t0 = None
-    for i in range(probe + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        out = m(batch["image"])
-        loss, _ = loss_fn(out, batch, m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    per_step = (time.perf_counter() - t0) / probe
-    return max(10, int(seconds / per_step))
+    ``make_trainer(steps, out_dir)`` builds a fresh Trainer; the probe runs in a scratch directory.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(probe, tmp)
+        t0 = time.perf_counter()
+        trainer.fit(resume=False)
+        per_step = (time.perf_counter() - t0) / probe
+    return max(probe, int(seconds / per_step))

@@ -78,6 +78,10 @@ class TrainConfig:
     warmup_steps: int = 0
     clip_grad: float = 10.0
     amp: Literal["auto", "bf16", "off"] = "auto"
+    # GPU speed options (ignored on CPU): NHWC memory layout for convs, torch.compile, TF32 matmuls.
+    channels_last: bool = False
+    compile: bool = False
+    tf32: bool = True
     seed: int = 0
     # Deterministic kernels on GPU (exact resume there too, somewhat slower); CPU is always deterministic.
     deterministic: bool = False

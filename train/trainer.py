@@ -5,7 +5,8 @@ What it does, and why:
 * Adam/AdamW with a poly (or constant) schedule and linear warm-up, gradient
   clipping; the learning rate is computed from the step, so resume needs no
   scheduler object.
-* AMP: bf16 autocast on CUDA (``amp: auto``), off on CPU where it is slower.
+* AMP: bf16 autocast on CUDA (``amp: auto``), off on CPU where it is slower;
+  on CUDA also TF32 matmuls, and optionally channels_last and torch.compile.
 * DDP through ``torchrun`` (gloo on CPU, nccl on CUDA): the batch order is a
   seeded permutation per epoch sharded by rank, and augmentation is seeded per
   (seed, epoch, index) inside the dataset, so results do not depend on worker
@@ -159,6 +160,13 @@ class Trainer:
                 f"train.batch_size: {cfg.batch_size} x {self.dist.world_size} process(es) is larger than "
                 f"the training split ({len(train_set)} samples)"
             )
+        on_gpu = self.device.type == "cuda"
+        self.channels_last = cfg.channels_last and on_gpu
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if on_gpu and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -166,6 +174,8 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile and on_gpu:
+            self.ddp_model = torch.compile(self.ddp_model)
         use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -245,6 +255,8 @@ class Trainer:
                 batch = next(batches)
                 lr = self._set_lr(step)
                 images = batch["image"].to(self.device, non_blocking=True)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 labels = {t.name: batch[t.name].to(self.device, non_blocking=True) for t in self.tasks}
                 with self.autocast:
                     out = self.ddp_model(images)

@@ -1,0 +1,108 @@
+"""Models trained for the SAME wall-clock budget on the synthetic scenes.
+
+Reports each model's task metrics and Delta_m relative to the first model.
+Two questions it answers:
+
+* does the synthetic task separate model sizes (a larger baseline must score
+  clearly better than a tiny one, or the dataset cannot rank compression
+  methods)?  ``--models baseline-xs baseline-m``
+* does a tiny teacher beat the baseline in the same time?
+  ``--models baseline-s mlore-tiny``
+
+    python benchmarks/same_budget.py --minutes 3 --models baseline-xs baseline-m
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import RESULTS, print_table, steps_for_budget, write_json
+
+from edgemt.config import load_recipe
+from edgemt.data import build_dataset
+from edgemt.metrics import delta_m
+from edgemt.models import create_model
+from edgemt.models.profile import count_macs, count_params
+from edgemt.stages import ensure_dataset
+from edgemt.tasks import resolve_tasks
+from edgemt.train.trainer import Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["baseline-xs", "baseline-m"])
+    ap.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
+    ap.add_argument("--data", default="data/synthetic", help="synthetic dataset root (made if missing)")
+    ap.add_argument("--out", default=None, help="JSON path (default results/same_budget_<models>.json)")
+    ap.add_argument("--workdir", default="runs/bench-same-budget")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: the demo's)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    recipe = load_recipe("demo", {"data.root": args.data})
+    ensure_dataset(recipe, progress=True)
+    train_set = build_dataset(recipe.data, "train", train=True)
+    val_set = build_dataset(recipe.data, "val", train=False)
+    tasks = resolve_tasks(recipe.data.tasks, train_set.num_classes)
+
+    rows, results = [], {}
+    for name in args.models:
+
+        def make_trainer(steps: int, out_dir: str, val=None, name=name) -> Trainer:
+            torch.manual_seed(0)
+            over = {"train.steps": steps, "train.max_minutes": args.minutes * 1.05, "train.checkpoint_every": 0}
+            if args.lr:
+                over["train.lr"] = args.lr
+            if args.batch_size:
+                over["train.batch_size"] = args.batch_size
+            cfg = load_recipe("demo", over).train
+            return Trainer(
+                create_model(name, tasks=tasks),
+                tasks,
+                train_set,
+                out_dir,
+                cfg,
+                val_set=val,
+                progress=not args.no_progress,
+            )
+
+        steps = steps_for_budget(make_trainer, args.minutes * 60)
+        trainer = make_trainer(steps, f"{args.workdir}/{name}", val_set)
+        model = trainer.model
+        t0 = time.perf_counter()
+        res = trainer.fit(resume=False)
+        results[name] = res.metrics
+        rows.append(
+            {
+                "model": name,
+                "params_M": count_params(model) / 1e6,
+                "GMACs": count_macs(model, tuple(recipe.data.crop)) / 1e9,
+                "steps": res.steps,
+                "train_s": time.perf_counter() - t0,
+                **{f"{t.name}.{t.metric}": res.metrics[t.name][t.metric] for t in tasks},
+            }
+        )
+    ref = args.models[0]
+    for row in rows:
+        row[f"delta_m_vs_{ref}_%"] = delta_m(results[row["model"]], results[ref], tasks)
+    print_table(rows, list(rows[0].keys()))
+    out = args.out or RESULTS / f"same_budget_{'_vs_'.join(args.models)}.json"
+    write_json(
+        out,
+        {
+            "device": str(trainer.device),
+            "minutes_per_model": args.minutes,
+            "threads": torch.get_num_threads(),
+            "rows": rows,
+            "metrics": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
