@@ -56,6 +56,8 @@ class DataConfig:
     flip: bool = True
     jitter: bool = True
     pad_to: int = 32
+    # Pad validation images to exactly this (H, W) instead (fixed-grid models, e.g. PASCAL at 512x512).
+    eval_size: tuple[int, int] | None = None
     workers: int = 0
     synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
 
@@ -91,6 +93,8 @@ class TrainConfig:
     log_every: int = 10
     # Per-task loss weights; tasks not named use the registry default.
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Positive-class weight of the edge BCE (MLoRE: 0.88 NYUD, 0.925 PASCAL; registry default 0.95).
+    edge_pos_weight: float | None = None
     max_minutes: float = 0.0  # 0: no wall-clock limit; else stop after this long
 
 

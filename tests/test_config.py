@@ -68,3 +68,16 @@ def test_round_trip_through_dict(tmp_path: Path) -> None:
     r = load_recipe("demo")
     p = _write(tmp_path, yaml.safe_dump(to_dict(r)))
     assert load_recipe(p) == r
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_loads_and_names_a_registered_model(name: str) -> None:
+    from edgemt.models import list_models
+    from edgemt.pipeline import registry
+
+    r = load_recipe(name)
+    assert r.name == name
+    assert r.teacher.name in list_models(), r.teacher.name
+    assert set(r.pipeline) <= set(registry().stages)
+    if r.data.dataset == "pascal":
+        assert r.data.eval_size is not None  # fixed-grid teachers need a fixed validation size

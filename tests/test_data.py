@@ -560,3 +560,17 @@ def test_reader_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'a' is listed twice"):
         read_split(dup)
     assert encode_normals(np.zeros((1, 1, 3))).sum() == 0
+
+
+def test_eval_size_pads_to_exactly_that_size_and_refuses_larger(tmp_path: Path) -> None:
+    from edgemt.data.transforms import eval_transform
+
+    root = tmp_path / "nyud"
+    write_nyud_fixture(root, n_train=1, n_val=1, size=(24, 32))
+    ds = NYUDv2(root, split="val", tasks=("semseg", "depth"), transform=eval_transform(size=(32, 48)))
+    s = ds[0]
+    assert s["image"].shape[-2:] == (32, 48)
+    assert (s["semseg"][24:] == 255).all() and (s["depth"][..., :, 32:] == 0).all()
+    small = NYUDv2(root, split="val", tasks=("semseg",), transform=eval_transform(size=(16, 48)))
+    with pytest.raises(DataError, match=r"24x32 is larger than data.eval_size 16x48"):
+        small[0]

@@ -21,6 +21,7 @@ What it does, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -82,9 +83,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - step / max(1, cfg.steps)) ** cfg.poly_power
 
 
-def multitask_loss(tasks: Sequence[Task], weights: Mapping[str, float]) -> LossFn:
+def multitask_loss(tasks: Sequence[Task], weights: Mapping[str, float], edge_pos_weight: float | None = None) -> LossFn:
     """Weighted sum of each task's loss plus the model's auxiliary losses."""
     w = {t.name: float(weights.get(t.name, t.loss_weight)) for t in tasks}
+    if edge_pos_weight is not None:
+        tasks = [dataclasses.replace(t, pos_weight=edge_pos_weight) if t.name == "edge" else t for t in tasks]
 
     def loss_fn(out: dict[str, torch.Tensor], batch: dict[str, Any], model: torch.nn.Module):
         parts = {t.name: task_loss(t, out[t.name], batch[t.name]) for t in tasks}
@@ -149,7 +152,7 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.out_dir = Path(out_dir)
         self.cfg = cfg
-        self.loss_fn = loss_fn or multitask_loss(self.tasks, cfg.loss_weights)
+        self.loss_fn = loss_fn or multitask_loss(self.tasks, cfg.loss_weights, cfg.edge_pos_weight)
         self.progress = progress and self.dist.is_main
         self.metric_options = dict(metric_options or {})
         self.workers = workers

@@ -73,5 +73,5 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> De
     if train:
         transform = train_transform(cfg.crop, scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter)
     else:
-        transform = eval_transform(cfg.pad_to)
+        transform = eval_transform(cfg.pad_to, cfg.eval_size)
     return cls(cfg.root, split=split, tasks=list(cfg.tasks), transform=transform, seed=seed)

@@ -35,7 +35,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from edgemt.errors import ConfigError
+from edgemt.errors import ConfigError, DataError
 from edgemt.tasks import IGNORE_INDEX
 
 __all__ = [
@@ -227,6 +227,32 @@ class PadToMultiple(v2.Transform):
         return F.pad(inpt, params["pad"], fill=_fill(inpt))
 
 
+class PadToSize(v2.Transform):
+    """Pad bottom/right to exactly ``size`` (no resize), for models with a fixed input grid.
+
+    MLoRE's learned spatial pooling fixes the feature-map size, so PASCAL-Context
+    images (at most 500x500) are padded to 512x512 for evaluation.
+    """
+
+    _transformed_types = _SAMPLE_TYPES
+
+    def __init__(self, size: Sequence[int]) -> None:
+        super().__init__()
+        self.size = _check_size(size, "data.eval_size")
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _hw(flat_inputs)
+        th, tw = self.size
+        if h > th or w > tw:
+            raise DataError(f"an image of {h}x{w} is larger than data.eval_size {th}x{tw}; raise data.eval_size")
+        return {"pad": [0, 0, tw - w, th - h]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["pad"]):
+            return inpt
+        return F.pad(inpt, params["pad"], fill=_fill(inpt))
+
+
 def _check_size(size: Sequence[int], field: str) -> tuple[int, int]:
     try:
         h, w = size
@@ -260,9 +286,10 @@ def train_transform(
     return v2.Compose(steps)
 
 
-def eval_transform(pad_to: int = 32) -> v2.Compose:
-    """Evaluation: pad bottom/right to a multiple of ``pad_to`` with the ignore values; no resize."""
-    return v2.Compose([PadToMultiple(pad_to)])
+def eval_transform(pad_to: int = 32, size: Sequence[int] | None = None) -> v2.Compose:
+    """Evaluation: pad bottom/right with the ignore values, to exactly ``size`` when given,
+    else to a multiple of ``pad_to``; no resize."""
+    return v2.Compose([PadToSize(size) if size is not None else PadToMultiple(pad_to)])
 
 
 # --------------------------------------------------------------------------- sample conversion
