@@ -62,7 +62,7 @@ def main() -> None:
                 over["train.batch_size"] = args.batch_size
             cfg = load_recipe("demo", over).train
             return Trainer(
-                create_model(name, tasks=tasks),
+                create_model(name, tasks=tasks, img_size=tuple(recipe.data.crop)),
                 tasks,
                 train_set,
                 out_dir,

@@ -21,7 +21,8 @@ def train_model_stage(ctx: StageContext) -> dict[str, Any]:
     train_set = build_dataset(r.data, "train", train=True, seed=r.train.seed)
     val_set = build_dataset(r.data, "val", train=False)
     tasks = resolve_tasks(r.data.tasks, train_set.num_classes)
-    model = create_model(r.teacher.name, tasks=tasks, **r.teacher.kwargs)
+    # Every registered model takes the training size; fixed-grid teachers (MLoRE's spatial router) need it.
+    model = create_model(r.teacher.name, tasks=tasks, **{"img_size": tuple(r.data.crop), **r.teacher.kwargs})
     trainer = Trainer(
         model, tasks, train_set, ctx.stage_dir, r.train, val_set=val_set, progress=ctx.progress, workers=r.data.workers
     )

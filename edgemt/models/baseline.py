@@ -33,9 +33,18 @@ class BaselineMTL(MultiTaskModel):
         width: channels of the first stage; stages use width x (1, 2, 4, 8).
         depth: conv blocks per stage after the strided one.
         neck: channels of the neck and heads.
+        img_size: accepted so every registered model takes the training size; the
+            baseline is fully convolutional and runs at any size.
     """
 
-    def __init__(self, tasks: Sequence[Task], width: int = 16, depth: int = 1, neck: int = 32) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        width: int = 16,
+        depth: int = 1,
+        neck: int = 32,
+        img_size: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(tasks)
         chans = [width, width * 2, width * 4, width * 8]
         self.stem = conv_bn_act(3, width, 3, 2)
