@@ -92,6 +92,10 @@ def multitask_loss(tasks: Sequence[Task], weights: Mapping[str, float], edge_pos
     def loss_fn(out: dict[str, torch.Tensor], batch: dict[str, Any], model: torch.nn.Module):
         parts = {t.name: task_loss(t, out[t.name], batch[t.name]) for t in tasks}
         total = sum(w[n] * v for n, v in parts.items())
+        if model.training and hasattr(model, "deep_supervision_loss"):
+            # Per-scale initial predictions (SCA-MTL / MTI-Net) weighted like the final ones.
+            parts["deep_supervision"] = model.deep_supervision_loss(batch, w)
+            total = total + parts["deep_supervision"]
         aux = getattr(model, "extra_losses", lambda: {})()
         for n, v in aux.items():
             total = total + v

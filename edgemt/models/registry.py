@@ -75,7 +75,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def _import_builtin_models() -> None:
     # Registered variants live in their own modules; importing them fills the registry.
-    from edgemt.models import baseline, mlore, taskexpert  # noqa: F401
+    from edgemt.models import baseline, mlore, scamtl, taskexpert  # noqa: F401
 
 
 def create_model(name: str, *, tasks: Sequence[Task], **kwargs: Any) -> MultiTaskModel:
