@@ -15,6 +15,7 @@ Two questions it answers:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -32,7 +33,12 @@ from edgemt.train.trainer import Trainer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["baseline-xs", "baseline-m"])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["baseline-xs", "baseline-m"],
+        help="registry names, each optionally with constructor kwargs as JSON: mlore-tiny'{\"channels\": 48}'",
+    )
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
     ap.add_argument("--data", default="data/synthetic", help="synthetic dataset root (made if missing)")
     ap.add_argument("--out", default=None, help="JSON path (default results/same_budget_<models>.json)")
@@ -40,6 +46,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: the demo's)")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=0, help="data-loading processes (use some on a GPU)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
@@ -51,9 +58,11 @@ def main() -> None:
     tasks = resolve_tasks(recipe.data.tasks, train_set.num_classes)
 
     rows, results = [], {}
-    for name in args.models:
+    for spec in args.models:
+        name, _, extra = spec.partition("{")
+        kwargs = json.loads("{" + extra) if extra else {}
 
-        def make_trainer(steps: int, out_dir: str, val=None, name=name) -> Trainer:
+        def make_trainer(steps: int, out_dir: str, val=None, name=name, kwargs=kwargs) -> Trainer:
             torch.manual_seed(0)
             over = {"train.steps": steps, "train.max_minutes": args.minutes * 1.05, "train.checkpoint_every": 0}
             if args.lr:
@@ -62,24 +71,25 @@ def main() -> None:
                 over["train.batch_size"] = args.batch_size
             cfg = load_recipe("demo", over).train
             return Trainer(
-                create_model(name, tasks=tasks, img_size=tuple(recipe.data.crop)),
+                create_model(name, tasks=tasks, **{"img_size": tuple(recipe.data.crop), **kwargs}),
                 tasks,
                 train_set,
                 out_dir,
                 cfg,
                 val_set=val,
                 progress=not args.no_progress,
+                workers=args.workers,
             )
 
         steps = steps_for_budget(make_trainer, args.minutes * 60)
-        trainer = make_trainer(steps, f"{args.workdir}/{name}", val_set)
+        trainer = make_trainer(steps, f"{args.workdir}/{len(rows)}-{name}", val_set)
         model = trainer.model
         t0 = time.perf_counter()
         res = trainer.fit(resume=False)
-        results[name] = res.metrics
+        results[spec] = res.metrics
         rows.append(
             {
-                "model": name,
+                "model": spec,
                 "params_M": count_params(model) / 1e6,
                 "GMACs": count_macs(model, tuple(recipe.data.crop)) / 1e9,
                 "steps": res.steps,
@@ -91,7 +101,7 @@ def main() -> None:
     for row in rows:
         row[f"delta_m_vs_{ref}_%"] = delta_m(results[row["model"]], results[ref], tasks)
     print_table(rows, list(rows[0].keys()))
-    out = args.out or RESULTS / f"same_budget_{'_vs_'.join(args.models)}.json"
+    out = args.out or RESULTS / f"same_budget_{'_vs_'.join(m.partition('{')[0] for m in args.models)}.json"
     write_json(
         out,
         {
