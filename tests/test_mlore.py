@@ -286,3 +286,34 @@ def test_paper_sizes_on_meta_device() -> None:
     assert count_params(nyud) / 1e6 == pytest.approx(551.6, rel=1e-3)
     assert nyud.moe1[0].top_k == 9 and len(nyud.moe1[0].ranks) == 15 and nyud.moe1[0].gating == "nyud"
     assert pascal.moe1[0].gating == "pascal" and pascal.img_size == (512, 512)
+
+
+def test_conv_backbone_variant_forms_and_export(tmp_path) -> None:
+    """mlore-conv-s: the faithful decoder on the small conv encoder; merged forms stay exact."""
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.runtime import OnnxRuntimeModel
+
+    torch.manual_seed(0)
+    tasks = resolve_tasks(["semseg", "depth", "normals", "edge"], {"semseg": 5})
+    m = create_model("mlore-conv-s", tasks=tasks, img_size=(32, 48), channels=16, ranks=(2, 4, 6), top_k=2)
+    out = m(torch.randn(2, 3, 32, 48))
+    sum(v.mean() for v in out.values()).backward()
+    assert m.grid == (4, 6) and out["semseg"].shape == (2, 5, 32, 48)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    m.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = m(x)
+        for form in ("dynamic-merge", "factorized"):
+            m.set_form(form)
+            got = m(x)
+            assert max((got[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5, form
+    path = export_onnx(m, tmp_path / "m.onnx", input_size=(32, 48))
+    ort = OnnxRuntimeModel(path).run(x[:1].numpy())
+    with torch.no_grad():
+        pt = m(x[:1])
+    assert max(abs(ort[k] - pt[k].numpy()).max() for k in pt) <= 1e-4

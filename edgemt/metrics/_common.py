@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["to_numpy", "check_spatial", "ArrayLike"]
+__all__ = ["to_numpy", "check_spatial", "label_map_inputs", "ArrayLike"]
 
 ArrayLike = Any  # torch.Tensor | np.ndarray
 
@@ -37,3 +37,15 @@ def check_spatial(pred: np.ndarray, label: np.ndarray, pred_ndim: tuple[int, ...
             f"{what}: pred shape {tuple(pred.shape)} does not match label shape {tuple(label.shape)} "
             "(batch and spatial sizes must agree)"
         )
+
+
+def label_map_inputs(pred: ArrayLike, label: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy ``pred`` (3-D or 4-D) and a ``(B, H, W)`` label map, checked against each other."""
+    pred = to_numpy(pred, "pred")
+    label = to_numpy(label, "label")
+    if label.ndim == 4 and label.shape[1] == 1:
+        label = label[:, 0]
+    if label.ndim != 3:
+        raise ValueError(f"{what}: label has shape {tuple(label.shape)}; expected (B, H, W)")
+    check_spatial(pred, label, (3, 4), what)
+    return pred, label

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgemt.metrics._common import ArrayLike, check_spatial, to_numpy
+from edgemt.metrics._common import ArrayLike, label_map_inputs
 
 __all__ = ["SaliencyMeter", "SALIENCY_THRESHOLDS"]
 
@@ -60,13 +60,7 @@ class SaliencyMeter:
         self.n = 0
 
     def update(self, pred: ArrayLike, label: ArrayLike) -> None:
-        pred = to_numpy(pred, "pred")
-        label = to_numpy(label, "label")
-        if label.ndim == 4 and label.shape[1] == 1:
-            label = label[:, 0]
-        if label.ndim != 3:
-            raise ValueError(f"saliency: label has shape {tuple(label.shape)}; expected (B, H, W)")
-        check_spatial(pred, label, (3, 4), "saliency")
+        pred, label = label_map_inputs(pred, label, "saliency")
         if pred.ndim == 4:
             if pred.shape[1] == 2:
                 pred = pred[:, 1]

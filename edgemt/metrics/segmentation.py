@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgemt.metrics._common import ArrayLike, check_spatial, to_numpy
+from edgemt.metrics._common import ArrayLike, label_map_inputs
 
 __all__ = ["SegmentationMeter"]
 
@@ -53,13 +53,7 @@ class SegmentationMeter:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)  # [gt, pred]
 
     def update(self, pred: ArrayLike, label: ArrayLike) -> None:
-        pred = to_numpy(pred, "pred")
-        label = to_numpy(label, "label")
-        if label.ndim == 4 and label.shape[1] == 1:
-            label = label[:, 0]
-        if label.ndim != 3:
-            raise ValueError(f"segmentation: label has shape {tuple(label.shape)}; expected (B, H, W)")
-        check_spatial(pred, label, (3, 4), "segmentation")
+        pred, label = label_map_inputs(pred, label, "segmentation")
         if pred.ndim == 4:
             if pred.shape[1] != self.num_classes:
                 raise ValueError(

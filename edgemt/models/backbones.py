@@ -14,11 +14,20 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import ConfigError, DataError
 
-__all__ = ["VIT_TAPS", "ViTBackbone", "create_timm_backbone", "load_backbone_weights"]
+__all__ = [
+    "VIT_TAPS",
+    "ViTBackbone",
+    "ConvEncoder",
+    "ConvTapBackbone",
+    "conv_bn_act",
+    "create_timm_backbone",
+    "load_backbone_weights",
+]
 
 # Blocks whose outputs the MLoRE/TaskExpert decoders read (1-based in the papers:
 # ViT-L after blocks 6, 12, 18, 24; ViT-B/S after 3, 6, 9, 12). Stored 0-based.
@@ -138,3 +147,68 @@ class ViTBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.vit.forward_intermediates(x, indices=list(self.taps), output_fmt="NCHW", intermediates_only=True)
+
+
+def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ConvEncoder(nn.Module):
+    """A small strided conv encoder: a stride-2 stem, then stages at strides 2, 4, 8, 16.
+
+    Args:
+        widths: channels of the four stages.
+        depth: extra 3x3 conv blocks per stage after the (strided) first one.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), depth: int = 1) -> None:
+        super().__init__()
+        self.widths = tuple(int(w) for w in widths)
+        self.stem = conv_bn_act(3, self.widths[0], 3, 2)
+        stages, cin = [], self.widths[0]
+        for i, c in enumerate(self.widths):
+            blocks = [conv_bn_act(cin, c, 3, 1 if i == 0 else 2)]
+            blocks += [conv_bn_act(c, c) for _ in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats, h = [], self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        return feats
+
+
+class ConvTapBackbone(nn.Module):
+    """:class:`ConvEncoder` whose four stage outputs are resampled to one stride.
+
+    It stands in for the ViT of the tap-based decoders (MLoRE) at CPU scale:
+    a ViT trained from scratch on a few hundred small images learns far more
+    slowly than convolutions, and at 96x128 its 1/16 grid is only 6x8 tokens.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), depth: int = 1, stride: int = 8) -> None:
+        super().__init__()
+        if stride not in (4, 8, 16):
+            raise ConfigError(f"stride={stride}: expected 4, 8 or 16")
+        self.encoder = ConvEncoder(widths, depth)
+        self.stride = stride
+        self.tap_channels = list(self.encoder.widths)
+        self.taps = (0, 1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
+        out = []
+        for f in self.encoder(x):
+            if f.shape[-2] > h:  # finer than the target grid: average the detail into it
+                f = F.adaptive_avg_pool2d(f, (h, w))
+            elif f.shape[-2] < h:
+                f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(f)
+        return out

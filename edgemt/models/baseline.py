@@ -11,18 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgemt.models.backbones import ConvEncoder, conv_bn_act
 from edgemt.models.registry import MultiTaskModel, register_model
 from edgemt.tasks import Task
 
 __all__ = ["BaselineMTL", "baseline_xs", "baseline_s", "baseline_m", "baseline_l"]
-
-
-def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 class BaselineMTL(MultiTaskModel):
@@ -47,14 +40,7 @@ class BaselineMTL(MultiTaskModel):
     ) -> None:
         super().__init__(tasks)
         chans = [width, width * 2, width * 4, width * 8]
-        self.stem = conv_bn_act(3, width, 3, 2)
-        stages, cin = [], width
-        for i, c in enumerate(chans):
-            blocks = [conv_bn_act(cin, c, 3, 1 if i == 0 else 2)]
-            blocks += [conv_bn_act(c, c) for _ in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-            cin = c
-        self.stages = nn.ModuleList(stages)
+        self.encoder = ConvEncoder(chans, depth)
         self.laterals = nn.ModuleList(nn.Conv2d(c, neck, 1) for c in chans[1:])
         self.smooth = conv_bn_act(neck, neck)
         self.heads = nn.ModuleDict(
@@ -62,11 +48,7 @@ class BaselineMTL(MultiTaskModel):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        feats = []
-        h = self.stem(x)
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
+        feats = self.encoder(x)
         # feats at strides 2, 4, 8, 16; the neck fuses 16 -> 8 -> 4.
         y = self.laterals[-1](feats[-1])
         for lat, f in zip(reversed(self.laterals[:-1]), reversed(feats[1:-1])):

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import ConfigError
-from edgemt.models.backbones import ViTBackbone
+from edgemt.models.backbones import ConvTapBackbone, ViTBackbone
 from edgemt.models.registry import MultiTaskModel, register_model
 from edgemt.tasks import Task
 
@@ -401,8 +401,10 @@ class MLoRE(MultiTaskModel):
 
     Args:
         tasks: resolved task entries (any subset of the registry's tasks).
-        backbone: timm ViT name (``vit_large_patch16_384``, ...).
-        img_size: the training and inference input size ``(H, W)``, multiples of 16.
+        backbone: timm ViT name (``vit_large_patch16_384``, ...), or ``"conv"`` for the
+            small conv encoder of CPU-scale runs (:class:`ConvTapBackbone`; ``backbone_kwargs``
+            then sets its ``widths``, ``depth`` and ``stride``).
+        img_size: the training and inference input size ``(H, W)``, multiples of the feature stride.
         channels: decoder width C.
         ranks: ranks of the E shared experts.
         task_rank: rank of each task-specific expert.
@@ -442,18 +444,28 @@ class MLoRE(MultiTaskModel):
             raise ConfigError(f"channels={channels}: must be at least 4 (the routers use C/4)")
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.load_balance_weight = float(load_balance_weight)
-        self.backbone = ViTBackbone(
-            backbone, self.img_size, pretrained_path=pretrained_path, **dict(backbone_kwargs or {})
-        )
-        patch = self.backbone.vit.patch_embed.patch_size
-        self.grid = (self.img_size[0] // patch[0], self.img_size[1] // patch[1])
-        n_taps = len(self.backbone.taps)
+        if backbone == "conv":
+            # CPU-scale stand-in for the ViT (see ConvTapBackbone); the decoder is unchanged.
+            self.backbone = ConvTapBackbone(**dict(backbone_kwargs or {}))
+            stride = self.backbone.stride
+            tap_channels = self.backbone.tap_channels
+        else:
+            self.backbone = ViTBackbone(
+                backbone, self.img_size, pretrained_path=pretrained_path, **dict(backbone_kwargs or {})
+            )
+            stride = self.backbone.vit.patch_embed.patch_size[0]
+            tap_channels = [self.backbone.embed_dim] * len(self.backbone.taps)
+        if self.img_size[0] % stride or self.img_size[1] % stride:
+            raise ConfigError(f"img_size {self.img_size}: both sides must be multiples of the feature stride {stride}")
+        self.stride = stride
+        self.grid = (self.img_size[0] // stride, self.img_size[1] // stride)
+        n_taps = len(tap_channels)
         names = self.task_names
 
         def block() -> MoEBlock:
             return MoEBlock(channels, names, ranks, task_rank, top_k, gating, self.grid[0] * self.grid[1], kernel_size)
 
-        self.tap_proj = nn.ModuleList(nn.Conv2d(self.backbone.embed_dim, channels, 1) for _ in range(n_taps))
+        self.tap_proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in tap_channels)
         self.moe1 = nn.ModuleList(block() for _ in range(n_taps))
         self.moe2 = nn.ModuleList(block() for _ in range(n_taps))
         self.tap_fusion = nn.ModuleDict(
@@ -535,8 +547,9 @@ class MLoRE(MultiTaskModel):
         """Per-task fused decoder features ``(B, C, H/4, W/4)``."""
         self._check_input(x)
         taps = self.backbone(x)
-        # The official model applies the ViT's final LayerNorm to the last tap only.
-        taps[-1] = self.backbone.vit.norm(taps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if isinstance(self.backbone, ViTBackbone):
+            # The official model applies the ViT's final LayerNorm to the last tap only.
+            taps[-1] = self.backbone.vit.norm(taps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         per_task: dict[str, list[torch.Tensor]] = {t: [] for t in self.task_names}
         for i, tap in enumerate(taps):
             shared = self.tap_proj[i](tap)
@@ -549,7 +562,12 @@ class MLoRE(MultiTaskModel):
         for t, maps in per_task.items():
             weights = self.tap_fusion[t](torch.cat(maps, dim=1)).softmax(dim=1)
             fused = sum(weights[:, i : i + 1] * m for i, m in enumerate(maps))
-            out[t] = F.interpolate(fused, scale_factor=4, mode="bilinear", align_corners=False)
+            # The heads work at 1/4 (x4 from the ViT's 1/16 grid).
+            out[t] = (
+                fused
+                if self.stride == 4
+                else F.interpolate(fused, scale_factor=self.stride // 4, mode="bilinear", align_corners=False)
+            )
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -642,5 +660,17 @@ def mlore_tiny(*, tasks: Sequence[Task], **kw: Any) -> MLoRE:
         backbone="vit_small_patch16_384", img_size=(64, 96), channels=32, ranks=(2, 4, 6, 8), task_rank=4,
         top_k=2, gating="pascal", load_balance_weight=5e-4,
         backbone_kwargs={"embed_dim": 48, "depth": 4, "num_heads": 2},
+    )  # fmt: skip
+    return _build(tasks, defaults, kw)
+
+
+@register_model
+def mlore_conv_s(*, tasks: Sequence[Task], **kw: Any) -> MLoRE:
+    """MLoRE's decoder on a small conv encoder (taps at strides 2-16 resampled to 1/8), for CPU-scale
+    runs on the synthetic scenes: the demo's teacher. C=32, 6 shared experts (top-3), ranks 4-24."""
+    defaults = dict(
+        backbone="conv", img_size=(96, 128), channels=32, ranks=(4, 8, 12, 16, 20, 24), task_rank=8,
+        top_k=3, gating="nyud", load_balance_weight=5e-4,
+        backbone_kwargs={"widths": (16, 32, 64, 128), "depth": 1, "stride": 8},
     )  # fmt: skip
     return _build(tasks, defaults, kw)
