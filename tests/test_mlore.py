@@ -93,8 +93,11 @@ def test_generic_path_sends_no_gradient_to_its_input() -> None:
     blk = _tiny(NYUD).moe1[0].eval()
     x = torch.randn(2, 32, 2, 3, requires_grad=True)
     # With zero gates and g_mix, only G sees x; it must train G without a gradient into x.
-    y = blk._mix_training("depth", x, torch.zeros(2, 4), torch.zeros(2))
-    y.square().sum().backward()
+    names = blk.task_names
+    y = blk._mix_training(
+        {t: x for t in names}, {t: torch.zeros(2, 4) for t in names}, {t: torch.zeros(2) for t in names}
+    )
+    sum(v.square().sum() for v in y.values()).backward()
     assert x.grad is not None and x.grad.abs().max() == 0
     assert blk.generic.weight.grad.abs().sum() > 0
 

@@ -286,14 +286,18 @@ class MoEBlock(nn.Module):
         """``{task: (B, C, H, W)}`` -> ``{task: (B, C, H, W)}``; records ``last_gates``."""
         if self.form != "training" and self.training:
             raise ConfigError(f"MoE form {self.form!r} folds BatchNorm statistics: call model.eval() first")
-        out, gates_seen = {}, {}
+        xs, gates_seen, mixes = {}, {}, {}
+        for t in self.task_names:
+            xs[t] = self.proj_in[t](feats[t])
+            logits, noise_std, mixes[t] = self.routers[t](xs[t])
+            gates_seen[t] = noisy_top_k_gates(logits, noise_std, self.top_k, self.gating, self.training)
+        if self.form == "training":
+            mixed = self._mix_training(xs, gates_seen, mixes)
+        out = {}
         for ti, t in enumerate(self.task_names):
-            x = self.proj_in[t](feats[t])
-            logits, noise_std, mix = self.routers[t](x)
-            gates = noisy_top_k_gates(logits, noise_std, self.top_k, self.gating, self.training)
-            gates_seen[t] = gates
+            x, gates, mix = xs[t], gates_seen[t], mixes[t]
             if self.form == "training":
-                y = self._mix_training(t, x, gates, mix)
+                y = mixed[t]
             elif self.form == "dynamic-merge":
                 y = self._mix_dynamic(ti, x, gates, mix)
             else:
@@ -302,12 +306,35 @@ class MoEBlock(nn.Module):
         self.last_gates = gates_seen
         return out
 
-    def _mix_training(self, t: str, x: torch.Tensor, gates: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-        # Every expert runs on every image (as officially); dropped ones get a zero gate.
-        acc = 0.0
-        for expert, g in zip(self.experts, gates.unbind(dim=1)):
-            acc = acc + g[:, None, None, None] * expert(x)
-        return self.bn_experts[t](acc) + mix[:, None, None, None] * self.task_experts[t](x) + self.generic(x.detach())
+    def _mix_training(
+        self, xs: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor], mixes: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``BN_all_t(sum_i g_i E_i(x_t)) + g_mix S_t(x_t) + G(x_t.detach())`` for every task.
+
+        Every expert runs on every image (as officially; dropped ones get a zero
+        gate), but as two convs for all experts and tasks instead of 2*E*T: the
+        down-projections concatenated (C -> sum r), each expert's rank channels
+        scaled by its gate, the up-projections concatenated (sum r -> C), the
+        gate-weighted up biases added. The same sum, hundreds fewer kernel launches.
+        """
+        names = self.task_names
+        b = xs[names[0]].shape[0]
+        x_all = torch.cat([xs[t] for t in names])  # (T*B, C, H, W): experts and G are shared by tasks
+        g_all = torch.cat([gates[t] for t in names])  # (T*B, E)
+        down_w = torch.cat([e.down.weight for e in self.experts])
+        down_b = torch.cat([e.down.bias for e in self.experts])
+        up_w = torch.cat([e.up.weight for e in self.experts], dim=1)
+        up_b = torch.stack([e.up.bias for e in self.experts])  # (E, C)
+        h = F.conv2d(x_all, down_w, down_b, padding=self.kernel_size // 2)
+        h = h * g_all.index_select(1, self.rank_owner)[:, :, None, None]
+        experts = F.conv2d(h, up_w) + (g_all @ up_b)[:, :, None, None]
+        generic = self.generic(x_all.detach())
+        out = {}
+        for i, t in enumerate(names):
+            rows = slice(i * b, (i + 1) * b)
+            task = mixes[t][:, None, None, None] * self.task_experts[t](xs[t])
+            out[t] = self.bn_experts[t](experts[rows]) + task + generic[rows]
+        return out
 
     def _mix_dynamic(self, ti: int, x: torch.Tensor, gates: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
