@@ -149,8 +149,10 @@ w = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
 gathered = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, w)
 same = all(torch.equal(gathered[0], g) for g in gathered)
-print(json.dumps({{"rank": dist.get_rank(), "world": dist.get_world_size(), "same": same,
-                  "metrics": sorted(res.metrics), "steps": res.steps}}))
+# One file per rank: two processes printing to one stdout can interleave their lines.
+with open({out!r} + f"-rank{{dist.get_rank()}}.json", "w") as f:
+    json.dump({{"rank": dist.get_rank(), "world": dist.get_world_size(), "same": same,
+               "metrics": sorted(res.metrics), "steps": res.steps}}, f)
 dist.destroy_process_group()
 """
 
@@ -170,7 +172,7 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"run-rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["world"] == 2 and r["same"] and r["steps"] == 6 for r in rows)
     main = next(r for r in rows if r["rank"] == 0)
