@@ -202,3 +202,27 @@ def test_paper_size_on_meta():
     print(f"taskexpert-vitl-nyud: {n / 1e6:.1f}M params")
     assert 300e6 < n < 450e6
     assert len(model.layers) == 4 and model.backbone.taps == (5, 11, 17, 23)
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_conv_tap_variant_trains_and_exports(tmp_path, stride: int) -> None:
+    """taskexpert-conv-s: the memorial MoE decoder on conv taps; heads upsample from the tap grid to 1/4."""
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.runtime import OnnxRuntimeModel
+
+    torch.manual_seed(0)
+    over = {"widths": (8, 16, 24, 32), "depth": 0, "stride": stride}
+    m = create_model("taskexpert-conv-s", tasks=_tasks(NYUD), img_size=(32, 48), backbone_overrides=over, width=16)
+    out = m(_images(2)[..., :32, :48])
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == dict.fromkeys(NYUD, (32, 48))
+    assert m.last_memory[-1]["semseg"].shape[-2:] == (32 // stride, 48 // stride)
+    sum(v.mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in m.tap_proj.parameters())
+    m.eval()
+    x = _images(1)[..., :32, :48]
+    path = export_onnx(m, tmp_path / "te.onnx", input_size=(32, 48))
+    got = OnnxRuntimeModel(path).run(x.numpy())
+    with torch.no_grad():
+        ref = m(x)
+    assert max(abs(got[k] - ref[k].numpy()).max() for k in ref) <= 1e-4

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import ConfigError
-from edgemt.models.backbones import ViTBackbone
+from edgemt.models.backbones import ConvTapBackbone, ViTBackbone
 from edgemt.models.registry import MultiTaskModel, register_model
 from edgemt.tasks import Task
 
@@ -228,16 +228,18 @@ class TaskExpertHead(nn.Module):
     conv-BN-GELU and a 1x1 prediction conv at 1/4 (InvPT-style).
     """
 
-    def __init__(self, width: int, channels: int, head_channels: Sequence[int]) -> None:
+    def __init__(self, width: int, channels: int, head_channels: Sequence[int], upsample_stages: int = 2) -> None:
         super().__init__()
         c1, c2 = (int(c) for c in head_channels)
-        self.body = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            _conv_bn_gelu(width, c1),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            _conv_bn_gelu(c1, c2),
-            _conv_bn_gelu(c2, c2),
-        )
+        # One bilinear x2 + conv stage per octave from the feature grid to 1/4 (2 from a ViT's 1/16).
+        widths = [c1, c2][-upsample_stages:] if upsample_stages else []
+        layers: list[nn.Module] = []
+        cin = width
+        for cout in widths:
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_gelu(cin, cout)]
+            cin = cout
+        layers.append(_conv_bn_gelu(cin, c2))
+        self.body = nn.Sequential(*layers)
         self.pred = nn.Conv2d(c2, channels, 1)
 
     def forward(self, memory_map: torch.Tensor) -> torch.Tensor:
@@ -249,8 +251,11 @@ class TaskExpert(MultiTaskModel):
 
     Args:
         tasks: resolved task entries.
-        backbone: timm ViT name (see :class:`~edgemt.models.backbones.ViTBackbone`).
-        img_size: training resolution ``(H, W)``, both divisible by 16.
+        backbone: timm ViT name (see :class:`~edgemt.models.backbones.ViTBackbone`), or
+            ``"conv"`` for the small conv encoder of CPU-scale runs
+            (:class:`~edgemt.models.backbones.ConvTapBackbone`; ``backbone_overrides``
+            then sets its ``widths``, ``depth`` and ``stride``).
+        img_size: training resolution ``(H, W)``, divisible by the feature stride.
         pretrained_path: local backbone weights, or ``None``.
         taps: 0-based tapped blocks (default: the papers' taps).
         backbone_overrides: timm kwargs for tiny backbones (``embed_dim``, ``depth``, ``num_heads``).
@@ -294,10 +299,22 @@ class TaskExpert(MultiTaskModel):
             raise ConfigError(f"memory_init {memory_init!r}; expected one of {MEMORY_INITS}")
         if num_experts < 1 or width < 1:
             raise ConfigError(f"num_experts and width must be positive, got {num_experts}, {width}")
-        self.backbone = ViTBackbone(
-            backbone, img_size, taps=taps, pretrained_path=pretrained_path, **(backbone_overrides or {})
-        )
-        dim, n_tasks = self.backbone.embed_dim, len(self.tasks)
+        if backbone == "conv":
+            # CPU-scale stand-in for the ViT: a small conv encoder whose four stage outputs,
+            # resampled to one grid and projected to ``width``, play the tapped layers' tokens.
+            self.backbone = ConvTapBackbone(**(backbone_overrides or {}))
+            self.tap_proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.backbone.tap_channels)
+            dim, stride = width, self.backbone.stride
+        else:
+            self.backbone = ViTBackbone(
+                backbone, img_size, taps=taps, pretrained_path=pretrained_path, **(backbone_overrides or {})
+            )
+            self.tap_proj = None
+            dim, stride = self.backbone.embed_dim, self.backbone.vit.patch_embed.patch_size[0]
+        n_tasks = len(self.tasks)
+        upsample_stages = {4: 0, 8: 1, 16: 2}.get(stride)
+        if upsample_stages is None:
+            raise ConfigError(f"feature stride {stride}: expected 4, 8 or 16")
         self.width, self.num_experts = width, num_experts
         self.memory_init, self.balance_weight = memory_init, float(balance_weight)
         self.layers = nn.ModuleList(
@@ -315,7 +332,9 @@ class TaskExpert(MultiTaskModel):
             for i in range(len(self.backbone.taps))
         )
         head_channels = tuple(head_channels) if head_channels else (max(width // 2, 1), max(width // 4, 1))
-        self.heads = nn.ModuleDict({t.name: TaskExpertHead(width, t.channels, head_channels) for t in self.tasks})
+        self.heads = nn.ModuleDict(
+            {t.name: TaskExpertHead(width, t.channels, head_channels, upsample_stages) for t in self.tasks}
+        )
         self.last_gates: list[dict[str, torch.Tensor]] = []
         self.last_task_features: list[dict[str, torch.Tensor]] = []
         self.last_memory: list[dict[str, torch.Tensor]] = []
@@ -323,6 +342,8 @@ class TaskExpert(MultiTaskModel):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
+        if self.tap_proj is not None:
+            feats = [proj(f) for proj, f in zip(self.tap_proj, feats)]
         b, _, h, w = feats[0].shape
         record = not torch.compiler.is_compiling()  # no attribute writes while exporting
         gates_all, feats_all, mem_all = [], [], []
@@ -438,6 +459,21 @@ def taskexpert_tiny(*, tasks: Sequence[Task], img_size: Sequence[int] = (64, 96)
         "width": 24,
         "num_experts": 4,
         "head_channels": (16, 16),
+        **kw,
+    }
+    return TaskExpert(tasks, img_size=img_size, **cfg)
+
+
+@register_model
+def taskexpert_conv_s(*, tasks: Sequence[Task], img_size: Sequence[int] = (96, 128), **kw) -> TaskExpert:
+    """TaskExpert's memorial MoE decoder on a small conv encoder (taps resampled to 1/8), for
+    CPU-scale runs on the synthetic scenes: the demo's teacher. Width 48, 6 experts."""
+    cfg = {
+        "backbone": "conv",
+        "backbone_overrides": {"widths": (16, 32, 64, 128), "depth": 1, "stride": 8},
+        "width": 48,
+        "num_experts": 6,
+        "head_channels": (32, 32),
         **kw,
     }
     return TaskExpert(tasks, img_size=img_size, **cfg)
