@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,23 +30,3 @@ def write_json(path: str | Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
     return path
-
-
-def steps_for_budget(make_trainer, seconds: float, probe: int = 30, warmup: int = 10) -> int:
-    """How many steps fit in ``seconds``, timed on real trainer steps (data loading included).
-
-    Two probe runs of ``warmup`` and ``warmup + probe`` steps: their difference
-    cancels start-up costs (loader workers, first-call kernel selection).
-    ``make_trainer(steps, out_dir)`` builds a fresh Trainer in a scratch directory.
-    """
-    import tempfile
-
-    def run(steps: int) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = make_trainer(steps, tmp)
-            t0 = time.perf_counter()
-            trainer.fit(resume=False)
-            return time.perf_counter() - t0
-
-    per_step = max(1e-4, (run(warmup + probe) - run(warmup)) / probe)
-    return max(probe, int(seconds / per_step))

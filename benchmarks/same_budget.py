@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from _common import RESULTS, print_table, steps_for_budget, write_json
+from _common import RESULTS, print_table, write_json
 
 from edgemt.config import load_recipe
 from edgemt.data import build_dataset
@@ -62,27 +62,21 @@ def main() -> None:
         name, _, extra = spec.partition("{")
         kwargs = json.loads("{" + extra) if extra else {}
 
-        def make_trainer(steps: int, out_dir: str, val=None, name=name, kwargs=kwargs) -> Trainer:
-            torch.manual_seed(0)
-            over = {"train.steps": steps, "train.max_minutes": args.minutes * 1.05, "train.checkpoint_every": 0}
-            if args.lr:
-                over["train.lr"] = args.lr
-            if args.batch_size:
-                over["train.batch_size"] = args.batch_size
-            cfg = load_recipe("demo", over).train
-            return Trainer(
-                create_model(name, tasks=tasks, **{"img_size": tuple(recipe.data.crop), **kwargs}),
-                tasks,
-                train_set,
-                out_dir,
-                cfg,
-                val_set=val,
-                progress=not args.no_progress,
-                workers=args.workers,
-            )
-
-        steps = steps_for_budget(make_trainer, args.minutes * 60)
-        trainer = make_trainer(steps, f"{args.workdir}/{len(rows)}-{name}", val_set)
+        over = {
+            "train.steps": 10**9,  # an upper bound only: the time budget ends training
+            "train.time_budget_minutes": args.minutes,
+            "train.checkpoint_every": 0,
+        }
+        if args.lr:
+            over["train.lr"] = args.lr
+        if args.batch_size:
+            over["train.batch_size"] = args.batch_size
+        torch.manual_seed(0)
+        model = create_model(name, tasks=tasks, **{"img_size": tuple(recipe.data.crop), **kwargs})
+        trainer = Trainer(
+            model, tasks, train_set, f"{args.workdir}/{len(rows)}-{name}", load_recipe("demo", over).train,
+            val_set=val_set, progress=not args.no_progress, device=args.device, workers=args.workers,
+        )  # fmt: skip
         model = trainer.model
         t0 = time.perf_counter()
         res = trainer.fit(resume=False)

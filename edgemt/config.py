@@ -96,6 +96,9 @@ class TrainConfig:
     # Positive-class weight of the edge BCE (MLoRE: 0.88 NYUD, 0.925 PASCAL; registry default 0.95).
     edge_pos_weight: float | None = None
     max_minutes: float = 0.0  # 0: no wall-clock limit; else stop after this long
+    # > 0: train for exactly this many minutes, the schedule following elapsed time instead of
+    # steps (``steps`` is then only an upper bound); for comparisons at equal wall-clock budgets.
+    time_budget_minutes: float = 0.0
 
 
 @dataclasses.dataclass

@@ -204,8 +204,8 @@ def test_paper_size_on_meta():
     assert len(model.layers) == 4 and model.backbone.taps == (5, 11, 17, 23)
 
 
-@pytest.mark.parametrize("stride", [4, 8])
-def test_conv_tap_variant_trains_and_exports(tmp_path, stride: int) -> None:
+@pytest.mark.parametrize(("stride", "fine_skip"), [(4, False), (8, True)])
+def test_conv_tap_variant_trains_and_exports(tmp_path, stride: int, fine_skip: bool) -> None:
     """taskexpert-conv-s: the memorial MoE decoder on conv taps; heads upsample from the tap grid to 1/4."""
     from edgemt.models import create_model
     from edgemt.targets.onnx import export_onnx
@@ -213,12 +213,21 @@ def test_conv_tap_variant_trains_and_exports(tmp_path, stride: int) -> None:
 
     torch.manual_seed(0)
     over = {"widths": (8, 16, 24, 32), "depth": 0, "stride": stride}
-    m = create_model("taskexpert-conv-s", tasks=_tasks(NYUD), img_size=(32, 48), backbone_overrides=over, width=16)
+    m = create_model(
+        "taskexpert-conv-s",
+        tasks=_tasks(NYUD),
+        img_size=(32, 48),
+        backbone_overrides=over,
+        width=16,
+        fine_skip=fine_skip,
+    )
     out = m(_images(2)[..., :32, :48])
     assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == dict.fromkeys(NYUD, (32, 48))
     assert m.last_memory[-1]["semseg"].shape[-2:] == (32 // stride, 48 // stride)
     sum(v.mean() for v in out.values()).backward()
     assert all(p.grad is not None for p in m.tap_proj.parameters())
+    if fine_skip:
+        assert all(p.grad is not None for p in m.fine_skip.parameters())
     m.eval()
     x = _images(1)[..., :32, :48]
     path = export_onnx(m, tmp_path / "te.onnx", input_size=(32, 48))

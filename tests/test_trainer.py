@@ -178,3 +178,15 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path: Path) -> None:
     main = next(r for r in rows if r["rank"] == 0)
     assert main["metrics"] == ["depth", "edge", "normals", "semseg"]
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000006.json"
+
+
+def test_time_budget_stops_training_and_decays_the_schedule(tmp_path: Path) -> None:
+    cfg = _cfg(steps=10**6, time_budget_minutes=0.02, warmup_steps=0, log_every=1, checkpoint_every=0)
+    tr = Trainer(_model(), TASKS, RandomScenes(), tmp_path, cfg, progress=False, device="cpu")
+    lrs = []
+    orig = tr._set_lr
+    tr._set_lr = lambda step, progress=None: lrs.append(orig(step, progress)) or lrs[-1]
+    res = tr.fit()
+    assert 1 < res.steps < 10**6  # stopped by the clock, not by the step count
+    assert lrs[0] > lrs[-1] and all(a >= b for a, b in zip(lrs, lrs[1:]))  # poly over elapsed time
+    assert lrs[-1] < 0.5 * cfg.lr

@@ -74,13 +74,18 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based)."""
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based).
+
+    ``progress`` in [0, 1] replaces ``step / steps`` (time-budgeted training).
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    return max(0.0, 1.0 - step / max(1, cfg.steps)) ** cfg.poly_power
+    if progress is None:
+        progress = step / max(1, cfg.steps)
+    return max(0.0, 1.0 - progress) ** cfg.poly_power
 
 
 def multitask_loss(tasks: Sequence[Task], weights: Mapping[str, float], edge_pos_weight: float | None = None) -> LossFn:
@@ -215,8 +220,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _set_lr(self, step: int) -> float:
-        lr = self.cfg.lr * lr_factor(step, self.cfg)
+    def _set_lr(self, step: int, progress: float | None = None) -> float:
+        lr = self.cfg.lr * lr_factor(step, self.cfg, progress)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -260,7 +265,12 @@ class Trainer:
         try:
             while step < cfg.steps:
                 batch = next(batches)
-                lr = self._set_lr(step)
+                progress = None
+                if cfg.time_budget_minutes:
+                    progress = (time.perf_counter() - start) / (cfg.time_budget_minutes * 60)
+                    if progress >= 1.0:
+                        break
+                lr = self._set_lr(step, progress)
                 images = batch["image"].to(self.device, non_blocking=True)
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)

@@ -203,12 +203,17 @@ class ConvTapBackbone(nn.Module):
         self.taps = (0, 1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_with_fine(x)[0]
+
+    def forward_with_fine(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The resampled taps, and the stride-4 stage output unchanged (for detail skips)."""
         h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
         out = []
-        for f in self.encoder(x):
+        feats = self.encoder(x)
+        for f in feats:
             if f.shape[-2] > h:  # finer than the target grid: average the detail into it
                 f = F.adaptive_avg_pool2d(f, (h, w))
             elif f.shape[-2] < h:
                 f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
             out.append(f)
-        return out
+        return out, feats[1]

@@ -242,8 +242,9 @@ class TaskExpertHead(nn.Module):
         self.body = nn.Sequential(*layers)
         self.pred = nn.Conv2d(c2, channels, 1)
 
-    def forward(self, memory_map: torch.Tensor) -> torch.Tensor:
-        return self.pred(self.body(memory_map))
+    def forward(self, memory_map: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.body(memory_map)
+        return self.pred(h if skip is None else h + skip)
 
 
 class TaskExpert(MultiTaskModel):
@@ -268,6 +269,9 @@ class TaskExpert(MultiTaskModel):
         memory_init: ``"first"`` | ``"zeros"``.
         head_channels: widths of the heads at 1/8 and 1/4 (default ``(C//2, C//4)``).
         balance_weight: weight of the CV^2 gate load-balancing loss (0: off).
+        fine_skip: conv backbone only, and NOT in the paper: each head adds a 1x1
+            projection of the encoder's stride-4 features at 1/4, for boundary detail
+            that a 1/8 token grid cannot carry (the CPU-scale variant uses it).
 
     After each forward (outside export/compilation) the model keeps, detached:
     ``last_gates[layer][task]`` ``(B, E[+1], h|1, w|1)`` (memory entry last),
@@ -293,6 +297,7 @@ class TaskExpert(MultiTaskModel):
         memory_init: str = "first",
         head_channels: Sequence[int] | None = None,
         balance_weight: float = 0.0,
+        fine_skip: bool = False,
     ) -> None:
         super().__init__(tasks)
         if memory_init not in MEMORY_INITS:
@@ -335,15 +340,24 @@ class TaskExpert(MultiTaskModel):
         self.heads = nn.ModuleDict(
             {t.name: TaskExpertHead(width, t.channels, head_channels, upsample_stages) for t in self.tasks}
         )
+        self.fine_skip = None
+        if fine_skip:
+            if self.tap_proj is None:
+                raise ConfigError("fine_skip needs the conv backbone (backbone='conv')")
+            c_fine = self.backbone.tap_channels[1]
+            self.fine_skip = nn.ModuleDict({t.name: nn.Conv2d(c_fine, head_channels[1], 1) for t in self.tasks})
         self.last_gates: list[dict[str, torch.Tensor]] = []
         self.last_task_features: list[dict[str, torch.Tensor]] = []
         self.last_memory: list[dict[str, torch.Tensor]] = []
         self._gates_for_loss: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+        fine = None
         if self.tap_proj is not None:
+            feats, fine = self.backbone.forward_with_fine(x)
             feats = [proj(f) for proj, f in zip(self.tap_proj, feats)]
+        else:
+            feats = self.backbone(x)
         b, _, h, w = feats[0].shape
         record = not torch.compiler.is_compiling()  # no attribute writes while exporting
         gates_all, feats_all, mem_all = [], [], []
@@ -362,7 +376,12 @@ class TaskExpert(MultiTaskModel):
             self._record(gates_all, feats_all, mem_all, (h, w))
         size = x.shape[-2:]
         return {
-            name: F.interpolate(self.heads[name](maps[:, i]), size=size, mode="bilinear", align_corners=False)
+            name: F.interpolate(
+                self.heads[name](maps[:, i], self.fine_skip[name](fine) if self.fine_skip is not None else None),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
             for i, name in enumerate(self.task_names)
         }
 
