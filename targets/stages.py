@@ -36,34 +36,32 @@ def metric_options(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return opts
 
 
-def eval_input_size(recipe: Recipe) -> tuple[int, int]:
+def eval_input_size(recipe: Recipe, val_set) -> tuple[int, int]:
     """The (padded) size of the validation images, which the artifacts are exported at."""
     if recipe.export.input_size is not None:
         return tuple(recipe.export.input_size)
-    val = build_dataset(recipe.data, "val", train=False)
-    return tuple(int(v) for v in val[0]["image"].shape[-2:])
+    return tuple(int(v) for v in val_set[0]["image"].shape[-2:])
 
 
 def export_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.targets.onnx import make_metadata
+
     recipe = ctx.recipe
-    for name in recipe.export.targets:
-        get_target(name)  # unknown names fail before any work
+    specs = [get_target(name) for name in recipe.export.targets]  # unknown names fail before any work
     model_dir = ctx.parent_dir
     model = load_model(model_dir).eval()
-    size = eval_input_size(recipe)
-    train_set = build_dataset(recipe.data, "val", train=False)
+    val_set = build_dataset(recipe.data, "val", train=False)
+    size = eval_input_size(recipe, val_set)
     source_hash = file_hash(model_dir / "weights.safetensors")
     results: dict[str, Any] = {}
-    for name in recipe.export.targets:
-        spec = get_target(name)
-        from edgemt.targets.onnx import make_metadata
-
+    for spec in specs:
+        name = spec.name
         meta = make_metadata(
             model.tasks,
             input_size=size,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            classes=getattr(train_set, "class_names", {}),
+            classes=getattr(val_set, "class_names", {}),
             deploy_form=spec.deploy_form,
             source_hash=source_hash,
             model_name=model.registry_name,

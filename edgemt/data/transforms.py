@@ -201,14 +201,23 @@ class PhotometricJitter(v2.Transform):
         return self.jitter.transform(inpt, params)
 
 
-class PadToMultiple(v2.Transform):
+class _PadBottomRight(v2.Transform):
+    """Pads by ``params["pad"]`` (left, top, right, bottom) with each type's ignore value."""
+
+    _transformed_types = _SAMPLE_TYPES
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["pad"]):
+            return inpt
+        return F.pad(inpt, params["pad"], fill=_fill(inpt))
+
+
+class PadToMultiple(_PadBottomRight):
     """Pad bottom/right so height and width are multiples of ``multiple`` (no resize).
 
     The ViT teachers need sizes divisible by their patch grid (NYUD 425x560 ->
     448x576); padded pixels are ignored by every loss and metric.
     """
-
-    _transformed_types = _SAMPLE_TYPES
 
     def __init__(self, multiple: int = 32) -> None:
         super().__init__()
@@ -221,20 +230,13 @@ class PadToMultiple(v2.Transform):
         m = self.multiple
         return {"pad": [0, 0, (-w) % m, (-h) % m]}
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not any(params["pad"]):
-            return inpt
-        return F.pad(inpt, params["pad"], fill=_fill(inpt))
 
-
-class PadToSize(v2.Transform):
+class PadToSize(_PadBottomRight):
     """Pad bottom/right to exactly ``size`` (no resize), for models with a fixed input grid.
 
     MLoRE's learned spatial pooling fixes the feature-map size, so PASCAL-Context
     images (at most 500x500) are padded to 512x512 for evaluation.
     """
-
-    _transformed_types = _SAMPLE_TYPES
 
     def __init__(self, size: Sequence[int]) -> None:
         super().__init__()
@@ -246,11 +248,6 @@ class PadToSize(v2.Transform):
         if h > th or w > tw:
             raise DataError(f"an image of {h}x{w} is larger than data.eval_size {th}x{tw}; raise data.eval_size")
         return {"pad": [0, 0, tw - w, th - h]}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not any(params["pad"]):
-            return inpt
-        return F.pad(inpt, params["pad"], fill=_fill(inpt))
 
 
 def _check_size(size: Sequence[int], field: str) -> tuple[int, int]:
