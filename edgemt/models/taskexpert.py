@@ -78,6 +78,8 @@ __all__ = [
     "taskexpert_vits_nyud",
     "taskexpert_vits_pascal",
     "taskexpert_tiny",
+    "taskexpert_conv_s",
+    "taskexpert_conv_m",
 ]
 
 EXPERT_TYPES = ("linear", "mlp")
@@ -493,6 +495,22 @@ def taskexpert_conv_s(*, tasks: Sequence[Task], img_size: Sequence[int] = (96, 1
         "width": 48,
         "num_experts": 6,
         "head_channels": (32, 32),
+        **kw,
+    }
+    return TaskExpert(tasks, img_size=img_size, **cfg)
+
+
+@register_model
+def taskexpert_conv_m(*, tasks: Sequence[Task], img_size: Sequence[int] = (96, 128), **kw) -> TaskExpert:
+    """The wider CPU-scale teacher: encoder widths (24, 48, 96, 192) with two blocks per stage
+    (baseline-m's encoder), width 48, 6 experts, and the stride-4 detail skip."""
+    cfg = {
+        "backbone": "conv",
+        "backbone_overrides": {"widths": (24, 48, 96, 192), "depth": 2, "stride": 8},
+        "width": 48,
+        "num_experts": 6,
+        "head_channels": (32, 32),
+        "fine_skip": True,
         **kw,
     }
     return TaskExpert(tasks, img_size=img_size, **cfg)
