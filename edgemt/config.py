@@ -102,6 +102,40 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """Teacher -> student distillation (the ``student`` stage; see edgemt.compress.distill)."""
+
+    temperature: float = 2.0  # semseg / human_parts KL temperature (the term is scaled by T^2)
+    # Per-task weight of the output KD term, multiplied by the task's loss weight (default 1).
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    gt_weight: float = 1.0  # weight of the ground-truth losses (0: pure distillation)
+    feature_weight: float = 0.0  # feature imitation on the heads' inputs through 1x1 adapters (0: off)
+    feature_loss: Literal["mse", "cwd"] = "mse"
+    cwd_tau: float = 4.0  # temperature of channel-wise distillation
+    teacher: bool = True  # false: train the student on ground truth only (the no-KD control)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig())
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
+        if self.cwd_tau <= 0:
+            raise ConfigError(f"distill.cwd_tau: expected > 0, got {self.cwd_tau}")
+        if min(self.gt_weight, self.feature_weight, *self.weights.values(), 0.0) < 0:
+            raise ConfigError("distill: weights must be >= 0")
+
+
+@dataclasses.dataclass
+class DeployConfig:
+    """Reparameterization of the student for deployment (the ``deploy`` stage)."""
+
+    form: Literal["training", "dynamic-merge", "factorized", "frozen-gate"] = "factorized"
+    fold_bn: bool = True
+    calibration_batches: int = 20  # frozen-gate: training batches averaged into the frozen gates
+    finetune_steps: int = 0  # frozen-gate: brief fine-tune with the gates frozen, before folding
+    finetune_lr: float = 2.0e-4
+
+
+@dataclasses.dataclass
 class ParityThresholds:
     """Per-precision agreement between an exported artifact and its PyTorch model."""
 
@@ -138,6 +172,9 @@ class Recipe:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    student: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig("student-xs"))
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    deploy: DeployConfig = dataclasses.field(default_factory=DeployConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     pipeline: list[str] = dataclasses.field(default_factory=lambda: ["data", "teacher", "export", "validate", "report"])

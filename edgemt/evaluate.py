@@ -86,3 +86,11 @@ def evaluate(
     ):
         ev.update(preds, {t.name: batch[t.name] for t in tasks})
     return ev.compute()
+
+
+def metric_options(recipe) -> dict[str, dict[str, Any]]:
+    """Per-task metric options of the recipe's dataset (the boundary radius differs)."""
+    opts: dict[str, dict[str, Any]] = {}
+    if "edge" in recipe.data.tasks:
+        opts["edge"] = {"max_dist_ratio": 0.0075 if recipe.data.dataset == "pascal" else 0.011}
+    return opts

@@ -59,6 +59,8 @@ class Stage:
         needs_model: the stage's parent is the nearest earlier model stage;
             otherwise its parent is simply the previous stage.
         dir_name: where it writes (default: the stage name).
+        check: validates the recipe for this stage before any stage of the
+            pipeline runs (e.g. unknown target names), raising ConfigError.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Stage:
     produces_model: bool = False
     needs_model: bool = False
     dir_name: str | None = None
+    check: Callable[[Recipe], None] | None = None
 
 
 @dataclass
@@ -201,6 +204,9 @@ def run_pipeline(
     """Run the recipe's stages in order, skipping up-to-date ones."""
     reg = registry()
     _validate_order(recipe, reg)
+    for name in recipe.pipeline:  # fail on a bad recipe before hours of training, not after
+        if reg.stages[name].check is not None:
+            reg.stages[name].check(recipe)
     out = {}
     for name in recipe.pipeline:
         out[name] = run_stage(recipe, name, force=name in force or "all" in force, progress=progress, echo=echo)

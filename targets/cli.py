@@ -37,6 +37,12 @@ def register(reg) -> None:
 
         return run
 
+    def check_targets(recipe) -> None:
+        from edgemt.targets.registry import get_target
+
+        for name in recipe.export.targets:
+            get_target(name)
+
     reg.add_stage(
         Stage(
             "export",
@@ -44,6 +50,7 @@ def register(reg) -> None:
             "export the model to every target",
             sections=("data", "export"),
             needs_model=True,
+            check=check_targets,
         )
     )
     reg.add_stage(

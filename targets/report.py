@@ -17,6 +17,7 @@ unknown keys are kept in ``report.json`` and ignored by the markdown)::
          "macs": int | None,           # per image at the validation size
          "train_time_s": float | None,
          "metrics": {task: {metric: float}},   # optional, PyTorch on val
+         "delta_m_%": float | None,            # optional, vs the first stage
          "artifact_hash": str | None}          # optional
       ],
       "targets": [                     # one per target, any order
@@ -182,8 +183,10 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                     _fmt(s.get("train_time_s"), 4),
                 ]
                 + [_fmt(_metric(s.get("metrics"), t["name"], t["metric"])) for t in tasks]
+                + [_fmt(s.get("delta_m_%"), 3)]
             )
         header = ["stage", "model", "params", "MACs", "train time (s)"] + [f"{t['name']} {t['metric']}" for t in tasks]
+        header.append(f"Δm % vs {_fmt(stages[0].get('stage'))}")
         lines += _table(header, rows)
     else:
         lines.append("No model stages recorded.")

@@ -19,6 +19,7 @@ from typing import Any
 from edgemt.config import Recipe
 from edgemt.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from edgemt.errors import ConfigError
+from edgemt.evaluate import metric_options
 from edgemt.io import file_hash, read_json, read_manifest, write_json
 from edgemt.models import load_model
 from edgemt.models.profile import count_macs
@@ -26,14 +27,6 @@ from edgemt.pipeline import StageContext, registry
 from edgemt.targets.registry import get_target
 
 __all__ = ["export_stage", "validate_stage", "report_stage", "metric_options", "eval_input_size"]
-
-
-def metric_options(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    """Per-task metric options of the recipe's dataset (the boundary radius differs)."""
-    opts: dict[str, dict[str, Any]] = {}
-    if "edge" in recipe.data.tasks:
-        opts["edge"] = {"max_dist_ratio": 0.0075 if recipe.data.dataset == "pascal" else 0.011}
-    return opts
 
 
 def eval_input_size(recipe: Recipe, val_set) -> tuple[int, int]:
@@ -53,6 +46,8 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(recipe.data, "val", train=False)
     size = eval_input_size(recipe, val_set)
     source_hash = file_hash(model_dir / "weights.safetensors")
+    # The form the model was reparameterized to (the reparam stage), else its training form.
+    form = (getattr(model, "deploy_record", None) or {}).get("form", "training")
     results: dict[str, Any] = {}
     for spec in specs:
         name = spec.name
@@ -62,7 +57,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             classes=getattr(val_set, "class_names", {}),
-            deploy_form=spec.deploy_form,
+            deploy_form=form,
             source_hash=source_hash,
             model_name=model.registry_name,
             extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
@@ -76,9 +71,9 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 "status": "exported",
                 "path": str(path.relative_to(ctx.stage_dir)),
                 "size_bytes": path.stat().st_size,
-                "deploy_form": spec.deploy_form,
+                "deploy_form": form,
             }
-            print(f"[export] {name}: {path} ({path.stat().st_size / 1e6:.2f} MB, deploy form {spec.deploy_form})")
+            print(f"[export] {name}: {path} ({path.stat().st_size / 1e6:.2f} MB, deploy form {form})")
         except Exception as e:  # one failing target never stops the others
             results[name] = {
                 "status": "export_failed",
@@ -161,6 +156,19 @@ def _model_stage_rows(recipe: Recipe) -> list[dict[str, Any]]:
     return rows
 
 
+def _add_delta_m(rows: list[dict[str, Any]], tasks) -> None:
+    """Each model stage's Delta_m (percent) against the first one (the teacher)."""
+    from edgemt.metrics import delta_m
+
+    if not rows or not rows[0].get("metrics"):
+        return
+    for row in rows:
+        try:
+            row["delta_m_%"] = delta_m(row["metrics"], rows[0]["metrics"], tasks)
+        except (ConfigError, KeyError, TypeError):
+            row["delta_m_%"] = None
+
+
 def report_stage(ctx: StageContext) -> dict[str, Any]:
     from edgemt.targets.report import summary_skeleton, write_report
 
@@ -168,6 +176,7 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(recipe.data, "val", train=False)
     summary = summary_skeleton(recipe.name, recipe.data.dataset, val_set.resolved_tasks())
     summary["stages"] = _model_stage_rows(recipe)
+    _add_delta_m(summary["stages"], val_set.resolved_tasks())
     results = Path(ctx.parent_dir) / "results.json"
     summary["targets"] = read_json(results) if results.is_file() else []
     summary["notes"].append(

@@ -10,7 +10,7 @@ import pytest
 from edgemt.cli import main
 from tests.fixtures import write_nyud_fixture
 
-VERBS = ["data", "pipeline", "eval", "models", "train", "export", "validate", "report"]
+VERBS = ["data", "pipeline", "eval", "models", "train", "distill", "reparam", "export", "validate", "report"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -123,6 +123,10 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
         "--set",
         "train.batch_size=4",
         "--set",
+        "distill.train.steps=4",
+        "--set",
+        "distill.train.batch_size=4",
+        "--set",
         "validate.runs=3",
         "--set",
         "validate.warmup=1",
@@ -138,20 +142,122 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert row["latency"]["median_ms"] > 0 and row["threads"] == 1
     md = (report / "report.md").read_text()
     assert "| onnx-fp32 | passed |" in md
-    for stage in ("data", "teacher", "export", "validate", "report"):
+    stages = ("data", "teacher", "student", "reparam", "export", "validate", "report")
+    for stage in stages:
         m = json.loads((runs / "demo" / stage / "manifest.json").read_text())
         assert m["stage"] == stage and "inputs_hash" in m and "versions" in m
-    assert (runs / "demo" / "teacher" / "weights.safetensors").is_file()
+    for stage in ("teacher", "student", "reparam"):
+        assert (runs / "demo" / stage / "weights.safetensors").is_file()
+    # The exported model is the reparameterized student, and the report says which form.
+    assert row["deploy_form"] == "factorized"
+    student = json.loads((runs / "demo" / "student" / "manifest.json").read_text())
+    assert student["model"] == "student-xs" and student["teacher"].endswith("teacher")
+    assert student["teacher_student_macs_ratio"] > 1
+    reparam = json.loads((runs / "demo" / "reparam" / "manifest.json").read_text())
+    assert reparam["deploy_form"] == "factorized" and reparam["bn_folded"] > 0
+    assert reparam["max_abs_diff_vs_source"] < 1e-3
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "reparam"]
 
     # Second run: every stage is up to date.
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") == 5
+    assert out.count("up to date") == len(stages)
     # A validation setting changed: only validate and report rerun.
     assert main([*args, "--set", "validate.runs=4"]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") == 3 and "[validate] running" in out and "[report] running" in out
+    assert out.count("up to date") == len(stages) - 2 and "[validate] running" in out and "[report] running" in out
 
     # The run directory works as the recipe argument, e.g. for evaluation.
     assert main(["eval", str(runs / "demo"), "--no-progress"]) == 0
     assert "semseg" in capsys.readouterr().out
+
+
+def test_distill_without_teacher_stage_exits_2(tmp_path: Path, capsys) -> None:
+    # A recipe whose pipeline has no teacher but asks for distillation.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: nokd\n"
+        f"runs_dir: {tmp_path / 'runs'}\n"
+        f"data: {{root: {tmp_path / 'data'}, synth: {{train: 8, val: 2, size: [64, 64]}}, crop: [64, 64]}}\n"
+        "distill: {train: {steps: 1, batch_size: 2}}\n"
+        "pipeline: [data, student]\n"
+    )
+    assert main(["pipeline", str(recipe), "--no-progress"]) == 2
+    assert "no 'teacher' stage" in _err(capsys)
+    assert not (tmp_path / "runs" / "nokd" / "student" / "manifest.json").exists()
+
+
+def test_distill_from_incompatible_teacher_exits_2(tmp_path: Path, capsys) -> None:
+    from edgemt.models import create_model, save_model
+    from edgemt.pipeline import registry
+    from edgemt.tasks import resolve_tasks
+
+    base = [
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        "--set",
+        f"data.root={tmp_path / 'data'}",
+        "--set",
+        "data.synth={train: 8, val: 2, size: [64, 64], seed: 0}",
+        "--set",
+        "data.crop=[64, 64]",
+        "--set",
+        "distill.train.steps=1",
+        "--set",
+        "distill.train.batch_size=2",
+    ]
+    assert main(["pipeline", "demo", *base, "--until", "data"]) == 0
+    # A "teacher" trained for other tasks, put where the teacher stage writes (manifest included).
+    teacher_dir = tmp_path / "runs" / "demo" / "teacher"
+    other = create_model("baseline-xs", tasks=resolve_tasks(["semseg", "depth"], {"semseg": 13}))
+    save_model(teacher_dir, other)
+    from edgemt.io import write_manifest
+
+    write_manifest(teacher_dir, {"stage": "teacher", "outputs_hash": "x"})
+    assert "student" in registry().stages
+    assert main(["distill", "demo", *base]) == 2
+    assert "cannot teach the student's task(s) ['normals', 'edge']" in _err(capsys)
+
+
+@pytest.mark.slow
+def test_frozen_gate_reparam_stage_with_finetune(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    args = [
+        "pipeline",
+        "demo",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "--until",
+        "reparam",
+        "--set",
+        f"data.root={tmp_path / 'data'}",
+        "--set",
+        "data.synth={train: 8, val: 2, size: [64, 64], seed: 2}",
+        "--set",
+        "data.crop=[64, 64]",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "distill.train.steps=2",
+        "--set",
+        "distill.train.batch_size=2",
+        "--set",
+        "deploy.form=frozen-gate",
+        "--set",
+        "deploy.calibration_batches=1",
+        "--set",
+        "deploy.finetune_steps=2",
+    ]
+    assert main(args) == 0
+    m = json.loads((runs / "demo" / "reparam" / "manifest.json").read_text())
+    assert m["deploy_form"] == "frozen-gate"
+    assert m["finetune"]["steps"] == 2 and m["finetune"]["distilled"] is True
+    gates = m["frozen_gates"][0]  # block 0: one row per task, E gates + the mix scalar
+    assert len(gates) == 4 and all(abs(sum(row[:-1]) - 1) < 1e-5 for row in gates)
+    assert m["max_abs_diff_vs_source"] < 1e-3
+    arch = json.loads((runs / "demo" / "reparam" / "arch.json").read_text())
+    assert arch["deploy"]["form"] == "frozen-gate" and arch["deploy"]["bn_folded"]

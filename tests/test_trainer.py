@@ -181,7 +181,7 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tmp_path: Path) -> None:
 
 
 def test_time_budget_stops_training_and_decays_the_schedule(tmp_path: Path) -> None:
-    cfg = _cfg(steps=10**6, time_budget_minutes=0.02, warmup_steps=0, log_every=1, checkpoint_every=0)
+    cfg = _cfg(steps=10**6, time_budget_minutes=0.08, warmup_steps=0, log_every=1, checkpoint_every=0)
     tr = Trainer(_model(), TASKS, RandomScenes(), tmp_path, cfg, progress=False, device="cpu")
     lrs = []
     orig = tr._set_lr

@@ -49,11 +49,15 @@ class MultiTaskModel(nn.Module):
         self.registry_kwargs = {}
 
     def arch(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.registry_name,
             "tasks": [{"name": t.name, "channels": t.channels} for t in self.tasks],
             "kwargs": dict(self.registry_kwargs),
         }
+        deploy = getattr(self, "deploy_record", None)
+        if deploy:
+            out["deploy"] = dict(deploy)
+        return out
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward pass (e.g. load balancing); none by default."""
@@ -75,7 +79,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def _import_builtin_models() -> None:
     # Registered variants live in their own modules; importing them fills the registry.
-    from edgemt.models import baseline, mlore, scamtl, taskexpert  # noqa: F401
+    from edgemt.models import baseline, mlore, scamtl, student, taskexpert  # noqa: F401
 
 
 def create_model(name: str, *, tasks: Sequence[Task], **kwargs: Any) -> MultiTaskModel:
@@ -97,11 +101,37 @@ def create_model(name: str, *, tasks: Sequence[Task], **kwargs: Any) -> MultiTas
 
 
 def model_from_arch(arch: Mapping[str, Any]) -> MultiTaskModel:
+    """Rebuild the model's structure from ``arch.json`` (weights are loaded separately).
+
+    A reparameterized model (``deploy``: its form and the folded conv/BN pairs)
+    gets the same structural changes replayed, so its weights load strictly.
+    """
     try:
         tasks = [get_task(t["name"]).with_channels(t["channels"]) for t in arch["tasks"]]
-        return create_model(arch["name"], tasks=tasks, **arch.get("kwargs", {}))
+        model = create_model(arch["name"], tasks=tasks, **arch.get("kwargs", {}))
+        deploy = arch.get("deploy")
+        if deploy:
+            _replay_deploy(model, deploy)
+        return model
     except (KeyError, TypeError) as e:
         raise ConfigError(f"arch.json: missing or malformed field {e}") from None
+
+
+def _replay_deploy(model: MultiTaskModel, deploy: Mapping[str, Any]) -> None:
+    from edgemt.models.fold import apply_bn_fold
+
+    model.eval()
+    form = deploy.get("form", "training")
+    if form != "training":
+        if not hasattr(model, "set_form"):
+            raise ConfigError(f"arch.json: deploy form {form!r} but model {model.registry_name!r} has no forms")
+        for m in model.modules():  # structure only: the real gates come with the weights
+            fg = getattr(m, "frozen_gates", None)
+            if isinstance(fg, torch.Tensor):
+                fg.nan_to_num_(0.0)
+        model.set_form(form)
+    apply_bn_fold(model, deploy.get("bn_folded", []))
+    model.deploy_record = dict(deploy)
 
 
 def save_model(directory: str | Path, model: MultiTaskModel, metadata: Mapping[str, str] | None = None) -> None:

@@ -1,0 +1,43 @@
+"""Registers the compression package's stages and verbs with the core (entry point ``edgemt.plugins``)."""
+
+from __future__ import annotations
+
+
+def register(reg) -> None:
+    from edgemt.cli import stage_command
+    from edgemt.pipeline import Stage
+
+    def lazy(fn_name: str):
+        def run(ctx):
+            from edgemt.compress import stages
+
+            return getattr(stages, fn_name)(ctx)
+
+        return run
+
+    reg.add_stage(
+        Stage(
+            "student",
+            lazy("distill_stage"),
+            "train the student, distilled from the teacher",
+            sections=("data", "student", "distill"),
+            produces_model=True,
+            needs_model=True,
+        )
+    )
+    reg.add_stage(
+        Stage(
+            "reparam",
+            lazy("reparam_stage"),
+            "reparameterize the student for deployment (deploy.form) and fold BatchNorm",
+            sections=("data", "deploy"),
+            produces_model=True,
+            needs_model=True,
+        )
+    )
+    reg.add_command(
+        stage_command("distill", "student", "train the recipe's student distilled from its teacher (resumable)")
+    )
+    reg.add_command(
+        stage_command("reparam", "reparam", "reparameterize the trained student to deploy.form and fold BatchNorm")
+    )

@@ -1,0 +1,183 @@
+"""Pipeline stages of the compression package.
+
+* ``student``: train the recipe's student, distilled from the teacher stage's
+  model (``distill.teacher: false`` trains it on ground truth only, the
+  control of the distillation benchmark).
+* ``reparam``: reparameterize the student for deployment (``deploy.form``),
+  fold BatchNorm, check the exact forms against the trained model, evaluate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgemt.data import build_dataset
+from edgemt.errors import ConfigError, UserError
+from edgemt.evaluate import evaluate, metric_options, pad_collate
+from edgemt.io import read_manifest, write_json
+from edgemt.models import create_model, load_model, save_model
+from edgemt.models.profile import count_macs, count_params
+from edgemt.pipeline import StageContext
+from edgemt.tasks import resolve_tasks
+
+__all__ = ["distill_stage", "reparam_stage", "find_teacher"]
+
+EXACT_FORMS = ("training", "dynamic-merge", "factorized")
+
+
+def find_teacher(ctx: StageContext) -> Path | None:
+    """The teacher stage's model directory of this run, if the recipe has one and it is complete."""
+    if "teacher" not in ctx.recipe.pipeline:
+        return None
+    d = ctx.stage_path("teacher")
+    if read_manifest(d) is None:
+        raise UserError(f"the teacher stage's output {d} is missing or incomplete; run the 'teacher' stage first")
+    return d
+
+
+def distill_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.compress.distill import Distiller, check_compatible, distillation_loss
+    from edgemt.train.trainer import Trainer
+
+    r = ctx.recipe
+    cfg = r.distill
+    train_set = build_dataset(r.data, "train", train=True, seed=cfg.train.seed)
+    val_set = build_dataset(r.data, "val", train=False)
+    tasks = resolve_tasks(r.data.tasks, train_set.num_classes)
+    student = create_model(r.student.name, tasks=tasks, **{"img_size": tuple(r.data.crop), **r.student.kwargs})
+    teacher_dir = find_teacher(ctx) if cfg.teacher else None
+    if cfg.teacher and teacher_dir is None:
+        raise ConfigError("distill.teacher is true but the recipe's pipeline has no 'teacher' stage before 'student'")
+    teacher = None
+    if teacher_dir is not None:
+        teacher = load_model(teacher_dir).eval()
+        check_compatible(teacher, tasks, teacher_dir)
+        model = Distiller(student, teacher, cfg)
+        loss_fn = distillation_loss(tasks, cfg, cfg.train.loss_weights, cfg.train.edge_pos_weight)
+    else:
+        model, loss_fn = student, None
+    trainer = Trainer(
+        model,
+        tasks,
+        train_set,
+        ctx.stage_dir,
+        cfg.train,
+        val_set=val_set,
+        loss_fn=loss_fn,
+        progress=ctx.progress,
+        metric_options=metric_options(r),
+        workers=r.data.workers,
+    )
+    result = trainer.fit(resume=True)
+    if not trainer.dist.is_main:
+        return {}
+    student.cpu().eval()
+    save_model(ctx.stage_dir, student)
+    write_json(ctx.stage_dir / "history.json", result.history)
+    size = tuple(r.data.crop)
+    out = {
+        "model": r.student.name,
+        "params": count_params(student),
+        "macs": count_macs(student, size),
+        "macs_input": list(size),
+        "teacher": str(teacher_dir) if teacher_dir else None,
+        "steps": result.steps,
+        "train_time_s": round(result.wall_s, 1),
+        "stopped_early": result.stopped_early,
+        "metrics": result.metrics,
+    }
+    if teacher is not None:
+        out["teacher_macs"] = count_macs(teacher.cpu(), size)
+        out["teacher_student_macs_ratio"] = round(out["teacher_macs"] / max(1, out["macs"]), 2)
+    return out
+
+
+def _images(dataset, tasks, batch_size: int, max_batches: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=pad_collate(tasks))
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            return
+        yield batch["image"]
+
+
+def reparam_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.compress.reparam import calibrate_gates, freeze_gates, reparameterize
+    from edgemt.targets.stages import eval_input_size
+
+    r = ctx.recipe
+    cfg = r.deploy
+    model = load_model(ctx.parent_dir).eval()
+    val_set = build_dataset(r.data, "val", train=False)
+    tasks = model.tasks
+    size = eval_input_size(r, val_set)
+    info: dict[str, Any] = {"form": cfg.form, "source": str(ctx.parent_dir)}
+    if cfg.form == "frozen-gate":
+        calib_set = build_dataset(r.data, "train", train=False)
+        gates = calibrate_gates(model, _images(calib_set, tasks, 8, cfg.calibration_batches), progress=ctx.progress)
+        info["frozen_gates"] = [g.tolist() for g in gates]
+        if cfg.finetune_steps > 0:
+            info["finetune"] = _finetune_frozen(ctx, model, tasks)
+    reference = load_model(ctx.parent_dir).eval()
+    if cfg.form == "frozen-gate":  # the exactness reference of the fold: the same frozen gates
+        reference.load_state_dict(model.state_dict())
+        freeze_gates(reference)
+    model.eval()
+    record = reparameterize(model, cfg.form, input_size=size, fold_bn=cfg.fold_bn)
+    # The fold must be exact against its reference (float32 rounding only).
+    x = torch.stack([val_set[i]["image"] for i in range(min(4, len(val_set)))])
+    with torch.no_grad():
+        ref, got = reference(x), model(x)
+    diff = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    scale = max(float(v.abs().max()) for v in ref.values())
+    if diff > 1e-4 * max(1.0, scale):
+        raise ConfigError(f"reparameterization to {cfg.form!r} is not exact: max abs diff {diff:.3g}")
+    save_model(ctx.stage_dir, model)
+    metrics = evaluate(model, val_set, tasks, metric_options=metric_options(r), progress=ctx.progress)
+    return {
+        "model": f"{model.registry_name} ({record['form']})",
+        **info,
+        "deploy_form": record["form"],
+        "bn_folded": len(record["bn_folded"]),
+        "max_abs_diff_vs_source": diff,
+        "params_before": count_params(reference),
+        "params": count_params(model),
+        "macs_before": count_macs(reference, size),
+        "macs": count_macs(model, size),
+        "macs_input": list(size),
+        "metrics": metrics,
+    }
+
+
+def _finetune_frozen(ctx: StageContext, model, tasks) -> dict[str, Any]:
+    """A brief fine-tune with the gates frozen (training form), distilled when a teacher exists."""
+    import dataclasses
+
+    from edgemt.compress.distill import Distiller, distillation_loss
+    from edgemt.compress.reparam import freeze_gates
+    from edgemt.train.trainer import Trainer
+
+    r = ctx.recipe
+    tcfg = dataclasses.replace(
+        r.distill.train,
+        steps=r.deploy.finetune_steps,
+        lr=r.deploy.finetune_lr,
+        warmup_steps=0,
+        eval_every=0,
+        checkpoint_every=r.deploy.finetune_steps,
+        time_budget_minutes=0.0,
+    )
+    freeze_gates(model)
+    train_set = build_dataset(r.data, "train", train=True, seed=tcfg.seed + 1)
+    teacher_dir = find_teacher(ctx) if r.distill.teacher else None
+    net, loss_fn = model, None
+    if teacher_dir is not None:
+        net = Distiller(model, load_model(teacher_dir).eval(), r.distill)
+        loss_fn = distillation_loss(tasks, r.distill, tcfg.loss_weights, tcfg.edge_pos_weight)
+    result = Trainer(
+        net, tasks, train_set, ctx.stage_dir / "finetune", tcfg, loss_fn=loss_fn, progress=ctx.progress
+    ).fit(resume=True)
+    model.cpu().eval()
+    return {"steps": result.steps, "time_s": round(result.wall_s, 1), "distilled": teacher_dir is not None}
