@@ -86,7 +86,7 @@ def _time_ort(model: nn.Module, x: torch.Tensor, runs: int, workdir: Path, name:
 
     path = workdir / f"{name}.onnx"
     with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), opset_version=18, dynamo=False)
+        torch.onnx.export(model, (x,), str(path), opset_version=18, dynamo=True, external_data=False, verbose=False)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
@@ -116,34 +116,43 @@ def _block_in_form(block: LowRankExpertBlock, form: str, x: torch.Tensor) -> nn.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--size", type=int, nargs=2, default=[256, 320], help="input HxW (blocks run at 1/8)")
+    ap.add_argument("--size", type=int, nargs=2, default=[256, 320], help="input HxW of the whole student")
+    ap.add_argument(
+        "--block-sizes",
+        nargs="+",
+        default=["256x320", "480x640"],
+        help="input sizes HxW whose 1/8 grid the blocks run on (NYUD-v2's training and full size)",
+    )
     ap.add_argument("--student", default="student-s")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "deploy_forms.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    h, w = args.size[0] // 8, args.size[1] // 8
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for c in args.widths:
-            # Ranks at most C/2 in all: 4 experts of C/16 + task C/16 + generic C/16 = 6C/16.
-            r = max(1, c // 16)
-            x = torch.randn(1, c, h, w)
-            dense = DenseBlock(c).eval()
-            base_pt = _time_torch(dense, x, args.runs)
-            base_ort = _time_ort(dense, x, args.runs, workdir, f"dense{c}")
-            rows.append(_row(f"dense 3x3 conv C={c}", "-", base_pt, base_ort, base_pt, base_ort))
-            for tasks in (["semseg"], NYUD):
-                blk = LowRankExpertBlock(tasks, c, [r, r, 2 * r, 2 * r], r, r)
-                _randomize_bn(blk)
-                for form in FORMS:
-                    m = _block_in_form(blk, form, x)
-                    pt = _time_torch(m, x, args.runs)
-                    ort_ms = _time_ort(m, x, args.runs, workdir, f"blk{c}{len(tasks)}{form}")
-                    label = f"expert block C={c}, {len(tasks)} task(s) (ranks {6 * r + 2 * r} <= C/2)"
-                    rows.append(_row(label, form, pt, ort_ms, base_pt * len(tasks), base_ort * len(tasks)))
+        for size in args.block_sizes:
+            ih, iw = (int(v) for v in size.lower().split("x"))
+            h, w = ih // 8, iw // 8
+            for c in args.widths:
+                # Ranks at most C/2 in all: experts C/16, C/16, C/8, C/8 + task C/16 + generic C/16 = 6C/16.
+                r = max(1, c // 16)
+                x = torch.randn(1, c, h, w)
+                dense = DenseBlock(c).eval()
+                base_pt = _time_torch(dense, x, args.runs)
+                base_ort = _time_ort(dense, x, args.runs, workdir, f"dense{c}")
+                where = f"C={c} at {h}x{w}"
+                rows.append(_row(f"dense 3x3 conv {where}", "-", base_pt, base_ort, base_pt, base_ort))
+                for tasks in (["semseg"], NYUD):
+                    blk = LowRankExpertBlock(tasks, c, [r, r, 2 * r, 2 * r], r, r)
+                    _randomize_bn(blk)
+                    for form in FORMS:
+                        m = _block_in_form(blk, form, x)
+                        pt = _time_torch(m, x, args.runs)
+                        ort_ms = _time_ort(m, x, args.runs, workdir, f"blk{c}{len(tasks)}{form}")
+                        label = f"expert block {where}, {len(tasks)} task(s), ranks {6 * r + 2 * r}"
+                        rows.append(_row(label, form, pt, ort_ms, base_pt * len(tasks), base_ort * len(tasks)))
         # The whole student at the input size.
         tasks = resolve_tasks(NYUD, {"semseg": 40})
         student = create_model(args.student, tasks=tasks)
@@ -157,12 +166,12 @@ def main() -> None:
             if form == "frozen-gate":
                 calibrate_gates(m, calib)
             reparameterize(m, form, input_size=tuple(args.size), fold_bn=True)
-            pt = _time_torch(m, xs, max(10, args.runs // 5))
-            ort_ms = _time_ort(m, xs, max(10, args.runs // 5), workdir, f"student{form}")
+            pt = _time_torch(m, xs, args.runs)
+            ort_ms = _time_ort(m, xs, args.runs, workdir, f"student{form}")
             if ref_pt is None:
                 ref_pt, ref_ort = pt, ort_ms
             rows.append(_row(f"{args.student} (whole model, BN folded)", form, pt, ort_ms, ref_pt, ref_ort))
-    print_table(rows)
+    print_table(rows, list(rows[0]))
     write_json(args.out, {"input_size": args.size, "threads": 1, "batch": 1, "rows": rows})
 
 

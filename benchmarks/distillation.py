@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--workdir", default="runs/bench-distillation")
     ap.add_argument("--out", default=str(RESULTS / "distillation.json"))
+    ap.add_argument("--resume", action="store_true", help="reuse finished or interrupted runs in --workdir")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
@@ -90,7 +91,7 @@ def main() -> None:
                 loss_fn = distillation_loss(tasks, cfg, tcfg.loss_weights, tcfg.edge_pos_weight)
             out_dir = work / f"{mode.split()[0]}-seed{seed}"
             trainer = Trainer(model, tasks, train_set, out_dir, tcfg, loss_fn=loss_fn, progress=not args.no_progress)
-            res = trainer.fit(resume=False)
+            res = trainer.fit(resume=args.resume)
             student.cpu().eval()
             metrics = evaluate(student, val_set, tasks, metric_options=opts)
             row = _row(
@@ -100,7 +101,7 @@ def main() -> None:
             dm[mode] = row["delta_m_vs_teacher_%"]
             results[f"{mode} seed {seed}"] = metrics
         gains.append(dm["distilled"] - dm["ground truth only"])
-    print_table(rows)
+    print_table(rows, list(rows[0]))
     summary = {
         "student": student_name,
         "teacher": teacher.registry_name,

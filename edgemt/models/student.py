@@ -43,9 +43,10 @@ computes with is kept, so the artifact carries no dead weights):
   the input; computed for the whole batch as a grouped conv. Exact.
 * ``"factorized"``: static weights, exact. All down-projections in one kxk
   conv C -> sum(r) (shared by the tasks where the input is shared), each
-  channel group scaled by its gate (``[g_t, m_t, 1] @ expand``: a small
-  matmul and a broadcast multiply), all up-projections of task t in one 1x1
-  conv with BN_t folded in.
+  channel scaled by its gate (``[g_t, m_t] @ expand_t + const_t``: a small
+  matmul giving the expert's gate, the mix, 1 for the generic path and 0 for
+  other tasks' channels, then a broadcast multiply), all up-projections of
+  task t in one 1x1 conv with BN_t folded in. No slicing or concatenation.
 * ``"frozen-gate"``: the gates are fixed per task (``frozen_gates``, by
   default their training-set mean, see
   :func:`edgemt.compress.reparam.calibrate_gates`), so each task's block is
@@ -169,15 +170,15 @@ class LowRankExpertBlock(nn.Module):
                 out[t] = feats[t] + F.relu(self._dynamic(t, feats[t], g, mix))
         elif self.form == "factorized":
             z_shared = self.deploy["down"](feats[self.task_names[0]]) if shared else None
-            for ti, t in enumerate(self.task_names):
+            for t in self.task_names:
                 g, mix = self.route(t, feats[t])
-                gates_all.append(torch.cat([g, mix], 1))
+                gm = torch.cat([g, mix], 1)
+                gates_all.append(gm)
                 z = z_shared if shared else self.deploy[f"down_{t}"](feats[t])
-                z = self._task_channels(z, ti) if shared else z
-                scale = (torch.cat([g, mix], 1) @ self.expand).unsqueeze(-1).unsqueeze(-1)
-                # The generic path's gate is the constant 1: its channels are added unscaled.
-                y = self.deploy[f"up_{t}"](torch.cat([z[:, : scale.shape[1]] * scale, z[:, scale.shape[1] :]], 1))
-                out[t] = feats[t] + F.relu(y)
+                # One scale per down-projection channel: its expert's gate, the mix for the task
+                # expert, 1 for the generic path, 0 for other tasks' task-expert channels.
+                scale = gm @ getattr(self, f"fz_expand_{t}") + getattr(self, f"fz_const_{t}")
+                out[t] = feats[t] + F.relu(self.deploy[f"up_{t}"](z * scale[:, :, None, None]))
         else:  # frozen-gate
             for t in self.task_names:
                 out[t] = feats[t] + F.relu(self.deploy[f"conv_{t}"](feats[t]))
@@ -235,12 +236,6 @@ class LowRankExpertBlock(nn.Module):
         )
         return y.reshape(b, c, h, w)
 
-    def _task_channels(self, z: torch.Tensor, ti: int) -> torch.Tensor:
-        """From the shared down-projection: experts', task ti's and the generic channels, in that order."""
-        re, rt = sum(self.ranks), self._task_rank
-        start = re + ti * rt
-        return torch.cat([z[:, :re], z[:, start : start + rt], z[:, re + len(self.task_names) * rt :]], 1)
-
     @torch.no_grad()
     def set_form(self, form: str) -> None:
         if form not in FORMS:
@@ -266,23 +261,36 @@ class LowRankExpertBlock(nn.Module):
             self.register_buffer("dm_generic", generic_k.detach().clone())
             self._drop_training_modules(keep_router=True)
         elif form == "factorized":
-            re, rt = sum(self.ranks), self._task_rank
-            expand = torch.zeros(self.num_experts + 1, re + rt)
-            offs = 0
-            for i, r in enumerate(self.ranks):
-                expand[i, offs : offs + r] = 1.0
-                offs += r
-            expand[-1, re:] = 1.0
-            self.register_buffer("expand", expand)
+            # Down-projection channels: [experts | task expert(s) | generic]. With a shared input
+            # one conv serves every task (all tasks' task-expert channels in the middle).
             downs = [d.weight for d in self.down]
             ups = [u.weight for u in self.up]
-            if self.shared_input:  # one down-projection for every task's channels
+            re, rt, rg = sum(self.ranks), self._task_rank, self._generic_rank
+            n_task = len(self.task_names) if self.shared_input else 1
+            total = re + n_task * rt + rg
+            if self.shared_input:
                 task_downs = [self.task_down[t].weight for t in self.task_names]
                 self.deploy["down"] = self._conv(torch.cat(downs + task_downs + [self.generic_down.weight]), None, k)
-            for t in self.task_names:
+            for ti, t in enumerate(self.task_names):
+                slot = ti if self.shared_input else 0
+                t0 = re + slot * rt  # this task's task-expert channels
+                expand = torch.zeros(self.num_experts + 1, total)
+                offs = 0
+                for i, r in enumerate(self.ranks):
+                    expand[i, offs : offs + r] = 1.0
+                    offs += r
+                expand[-1, t0 : t0 + rt] = 1.0
+                const = torch.zeros(total)
+                const[total - rg :] = 1.0
+                dev = self.generic_up.weight.device
+                self.register_buffer(f"fz_expand_{t}", expand.to(dev))
+                self.register_buffer(f"fz_const_{t}", const.to(dev))
                 scale, bias = self._bn(t)
-                up = torch.cat(ups + [self.task_up[t].weight, self.generic_up.weight], 1) * scale[:, None, None, None]
-                self.deploy[f"up_{t}"] = self._conv(up, bias, 1)
+                up = torch.zeros(self.channels, total, 1, 1, device=dev)
+                up[:, :re] = torch.cat(ups, 1)
+                up[:, t0 : t0 + rt] = self.task_up[t].weight
+                up[:, total - rg :] = self.generic_up.weight
+                self.deploy[f"up_{t}"] = self._conv(up * scale[:, None, None, None], bias, 1)
                 if not self.shared_input:
                     tdown = torch.cat(downs + [self.task_down[t].weight, self.generic_down.weight])
                     self.deploy[f"down_{t}"] = self._conv(tdown, None, k)
