@@ -38,6 +38,7 @@ class TargetSpec:
     export: Callable[..., Path]
     load: Callable[..., Any]
     runs_here: bool = True
+    needs_calibration: bool = False  # export() takes calibration=[(B, 3, H, W) arrays] from training images
 
 
 def _export_onnx_fp32(
@@ -54,6 +55,12 @@ def _export_onnx_fp32(
     return export_onnx(model, path, input_size=input_size, batch=batch, opset=opset, metadata=metadata)
 
 
+def _export_onnx_int8(model: nn.Module, path: Path, **kw: Any) -> Path:
+    from edgemt.targets.onnx_int8 import export_onnx_int8
+
+    return export_onnx_int8(model, path, **kw)
+
+
 def _load_onnx(path: Path, *, threads: int, target: str) -> Any:
     from edgemt.targets.runtime import OnnxRuntimeModel
 
@@ -64,6 +71,17 @@ TARGETS: dict[str, TargetSpec] = {
     t.name: t
     for t in (
         TargetSpec("onnx-fp32", "onnx", "fp32", ".onnx", "onnxruntime", "training", _export_onnx_fp32, _load_onnx),
+        TargetSpec(
+            "onnx-int8",
+            "onnx",
+            "int8",
+            ".onnx",
+            "onnxruntime",
+            "factorized",
+            _export_onnx_int8,
+            _load_onnx,
+            needs_calibration=True,
+        ),
     )
 }
 

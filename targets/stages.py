@@ -36,6 +36,24 @@ def eval_input_size(recipe: Recipe, val_set) -> tuple[int, int]:
     return tuple(int(v) for v in val_set[0]["image"].shape[-2:])
 
 
+def _calibration_images(recipe: Recipe, size: tuple[int, int]) -> list:
+    """The first ``export.calibration_images`` training images (eval transform), each a (B, 3, H, W) array."""
+    import numpy as np
+
+    from edgemt.targets.validate import _pad_to
+
+    n = recipe.export.calibration_images
+    if n <= 0:
+        return []
+    train = build_dataset(recipe.data, "train", train=False)
+    batch = max(1, recipe.export.batch)
+    # Larger images are cropped to the graph's input, smaller ones padded like the validation images.
+    images = [
+        _pad_to(train[i]["image"].numpy()[None, :, : size[0], : size[1]], size) for i in range(min(n, len(train)))
+    ]
+    return [np.concatenate(images[i : i + batch]) for i in range(0, len(images) - batch + 1, batch)]
+
+
 def export_stage(ctx: StageContext) -> dict[str, Any]:
     from edgemt.targets.onnx import make_metadata
 
@@ -49,6 +67,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     # The form the model was reparameterized to (the reparam stage), else its training form.
     form = (getattr(model, "deploy_record", None) or {}).get("form", "training")
     results: dict[str, Any] = {}
+    calibration = None
     for spec in specs:
         name = spec.name
         meta = make_metadata(
@@ -63,9 +82,20 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
             extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
         )
         path = ctx.stage_dir / name / f"model{spec.suffix}"
+        kwargs: dict[str, Any] = {}
+        if spec.needs_calibration:
+            if calibration is None:
+                calibration = _calibration_images(recipe, size)
+            kwargs["calibration"] = calibration
         try:
             spec.export(
-                model, path, input_size=size, metadata=meta, opset=recipe.export.opset, batch=recipe.export.batch
+                model,
+                path,
+                input_size=size,
+                metadata=meta,
+                opset=recipe.export.opset,
+                batch=recipe.export.batch,
+                **kwargs,
             )
             results[name] = {
                 "status": "exported",

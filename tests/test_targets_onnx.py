@@ -351,3 +351,63 @@ def test_report_without_metrics(tmp_path):
     md = paths["md"].read_text()
     assert "No targets were exported." in md and "No model stages recorded." in md
     assert math.isfinite(len(md))
+
+
+def test_onnx_int8_export_is_qdq_per_channel_and_close_to_fp32(tmp_path):
+    import onnx
+
+    from edgemt.compress.reparam import reparameterize
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import read_onnx_metadata
+    from edgemt.targets.registry import get_target
+    from edgemt.targets.runtime import OnnxRuntimeModel
+    from edgemt.tasks import resolve_tasks
+
+    torch.manual_seed(0)
+    tasks = resolve_tasks(["semseg", "depth", "normals", "edge"], {"semseg": 5})
+    model = create_model("student-xs", tasks=tasks).eval()
+    reparameterize(model, "factorized", input_size=(64, 64))
+    spec = get_target("onnx-int8")
+    assert spec.needs_calibration and spec.precision == "int8"
+    calib = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(8)]
+    path = spec.export(
+        model, tmp_path / "m.onnx", input_size=(64, 64), metadata={"deploy_form": "factorized"}, calibration=calib
+    )
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # Per-channel weights: some DequantizeLinear has a 1-D scale with more than one entry.
+    inits = {i.name: i for i in proto.graph.initializer}
+    per_channel = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 1
+        and inits[n.input[1]].dims[0] > 1
+    ]
+    assert per_channel
+    meta = read_onnx_metadata(path)
+    assert meta["deploy_form"] == "factorized"
+    assert meta["quantization"]["calibration_images"] == 8
+    assert meta["quantization"]["weights"].startswith("int8, per-channel")
+    # The int8 graph tracks the fp32 model on an in-distribution input.
+    x = calib[0]
+    got = OnnxRuntimeModel(path, threads=1).run(x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    for t in tasks:
+        err = np.abs(got[t.name] - ref[t.name].numpy()).mean() / (np.abs(ref[t.name].numpy()).mean() + 1e-6)
+        assert err < 0.2, (t.name, err)
+
+
+def test_onnx_int8_without_calibration_fails_clearly(tmp_path):
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import OnnxExportError
+    from edgemt.targets.registry import get_target
+    from edgemt.tasks import resolve_tasks
+
+    model = create_model("baseline-xs", tasks=resolve_tasks(["depth"])).eval()
+    with pytest.raises(OnnxExportError, match="calibration"):
+        get_target("onnx-int8").export(model, tmp_path / "m.onnx", input_size=(32, 32), metadata={}, calibration=[])
+    assert not (tmp_path / "m.onnx").exists()
