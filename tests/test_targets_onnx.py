@@ -306,8 +306,8 @@ def test_validate_unknown_precision(exported, model):
     from edgemt.errors import ConfigError
 
     rt = OnnxRuntimeModel(exported)
-    with pytest.raises(ConfigError, match="int8"):
-        validate_runtime(rt, model, _dataset(1), _tasks(), cfg=_cfg(), precision="int8")
+    with pytest.raises(ConfigError, match="int4"):
+        validate_runtime(rt, model, _dataset(1), _tasks(), cfg=_cfg(), precision="int4")
 
 
 # --------------------------------------------------------------------------- report
