@@ -17,7 +17,7 @@ import torch
 from edgemt.data import build_dataset
 from edgemt.errors import ConfigError, UserError
 from edgemt.evaluate import evaluate, metric_options, pad_collate
-from edgemt.io import read_manifest, write_json
+from edgemt.io import read_manifest
 from edgemt.models import create_model, load_model, save_model
 from edgemt.models.profile import count_macs, count_params
 from edgemt.pipeline import StageContext
@@ -40,6 +40,7 @@ def find_teacher(ctx: StageContext) -> Path | None:
 
 def distill_stage(ctx: StageContext) -> dict[str, Any]:
     from edgemt.compress.distill import Distiller, check_compatible, distillation_loss
+    from edgemt.train.stages import save_trained
     from edgemt.train.trainer import Trainer
 
     r = ctx.recipe
@@ -74,21 +75,9 @@ def distill_stage(ctx: StageContext) -> dict[str, Any]:
     result = trainer.fit(resume=True)
     if not trainer.dist.is_main:
         return {}
-    student.cpu().eval()
-    save_model(ctx.stage_dir, student)
-    write_json(ctx.stage_dir / "history.json", result.history)
+    out = save_trained(ctx, student, r.student.name, result)
+    out["teacher"] = str(teacher_dir) if teacher_dir else None
     size = tuple(r.data.crop)
-    out = {
-        "model": r.student.name,
-        "params": count_params(student),
-        "macs": count_macs(student, size),
-        "macs_input": list(size),
-        "teacher": str(teacher_dir) if teacher_dir else None,
-        "steps": result.steps,
-        "train_time_s": round(result.wall_s, 1),
-        "stopped_early": result.stopped_early,
-        "metrics": result.metrics,
-    }
     if teacher is not None:
         out["teacher_macs"] = count_macs(teacher.cpu(), size)
         out["teacher_student_macs_ratio"] = round(out["teacher_macs"] / max(1, out["macs"]), 2)

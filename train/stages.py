@@ -10,9 +10,9 @@ from edgemt.models import create_model, save_model
 from edgemt.models.profile import count_macs, count_params
 from edgemt.pipeline import StageContext
 from edgemt.tasks import resolve_tasks
-from edgemt.train.trainer import Trainer
+from edgemt.train.trainer import Trainer, TrainResult
 
-__all__ = ["train_model_stage"]
+__all__ = ["train_model_stage", "save_trained"]
 
 
 def train_model_stage(ctx: StageContext) -> dict[str, Any]:
@@ -29,14 +29,20 @@ def train_model_stage(ctx: StageContext) -> dict[str, Any]:
     result = trainer.fit(resume=True)
     if not trainer.dist.is_main:
         return {}
+    return save_trained(ctx, model, r.teacher.name, result)
+
+
+def save_trained(ctx: StageContext, model, name: str, result: TrainResult) -> dict[str, Any]:
+    """Save a trained model stage (arch.json + safetensors + history) and return its manifest fields."""
     model.cpu().eval()
     save_model(ctx.stage_dir, model)
     write_json(ctx.stage_dir / "history.json", result.history)
+    size = tuple(ctx.recipe.data.crop)
     return {
-        "model": r.teacher.name,
+        "model": name,
         "params": count_params(model),
-        "macs": count_macs(model, tuple(r.data.crop)),
-        "macs_input": list(r.data.crop),
+        "macs": count_macs(model, size),
+        "macs_input": list(size),
         "steps": result.steps,
         "train_time_s": round(result.wall_s, 1),
         "stopped_early": result.stopped_early,
