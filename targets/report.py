@@ -51,7 +51,14 @@ from typing import Any
 from edgemt.io import atomic_path, tool_versions, write_json
 from edgemt.tasks import TASKS, Task
 
-__all__ = ["STATUSES", "summary_skeleton", "export_failed_entry", "render_markdown", "write_report"]
+__all__ = [
+    "STATUSES",
+    "summary_skeleton",
+    "export_failed_entry",
+    "render_markdown",
+    "write_report",
+    "benchmark_table",
+]
 
 STATUSES = ("passed", "failed_validation", "export_failed", "not_run")
 _STATUS_TEXT = {
@@ -268,3 +275,40 @@ def write_report(report_dir: str | Path, summary: Mapping[str, Any]) -> dict[str
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(md)
     return paths
+
+
+def benchmark_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[Task | str]) -> str:
+    """One plain-text line per target: status, size, each task's metric, parity and latency."""
+    entries = (
+        _task_entries({"tasks": list(tasks)})
+        if tasks and isinstance(tasks[0], str)
+        else [{"name": t.name, "metric": t.metric, "higher_is_better": t.higher_is_better} for t in tasks]
+    )
+    header = ["target", "status", "form", "size MB"]
+    header += [f"{t['name']} {t['metric']}" for t in entries]
+    header += [f"{t['name']} parity" for t in entries if t["name"] in _PARITY_FIG]
+    header += ["median ms", "p90 ms", "threads"]
+    body = []
+    for r in rows:
+        lat = r.get("latency") or {}
+        line = [
+            _fmt(r.get("target")),
+            _STATUS_TEXT.get(r.get("status", ""), _fmt(r.get("status"))),
+            _fmt(r.get("deploy_form")),
+            _fmt(r.get("size_mb")),
+        ]
+        line += [_fmt(_metric(r.get("metrics"), t["name"], t["metric"])) for t in entries]
+        line += [
+            _fmt(_metric(r.get("parity"), t["name"], _PARITY_FIG[t["name"]]), 4)
+            for t in entries
+            if t["name"] in _PARITY_FIG
+        ]
+        line += [_fmt(lat.get("median_ms")), _fmt(lat.get("p90_ms")), _fmt(r.get("threads", lat.get("threads")))]
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    for r in rows:
+        for reason in r.get("reasons") or []:
+            out.append(f"{r.get('target')}: {reason}")
+    return "\n".join(out)

@@ -10,7 +10,19 @@ import pytest
 from edgemt.cli import main
 from tests.fixtures import write_nyud_fixture
 
-VERBS = ["data", "pipeline", "eval", "models", "train", "distill", "reparam", "export", "validate", "report"]
+VERBS = [
+    "data",
+    "pipeline",
+    "eval",
+    "models",
+    "train",
+    "distill",
+    "reparam",
+    "export",
+    "validate",
+    "report",
+    "benchmark",
+]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -170,6 +182,17 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     # The run directory works as the recipe argument, e.g. for evaluation.
     assert main(["eval", str(runs / "demo"), "--no-progress"]) == 0
     assert "semseg" in capsys.readouterr().out
+
+    # The benchmark: every target exported and validated, one table, JSON.
+    code = main(["benchmark", str(runs / "demo"), "--no-progress"])
+    out = capsys.readouterr().out
+    bench = json.loads((runs / "demo" / "benchmark.json").read_text())
+    assert {r["target"] for r in bench["targets"]} == {"onnx-fp32", "onnx-int8"}
+    assert code == (0 if all(r["status"] == "passed" for r in bench["targets"]) else 1)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("target"))
+    assert "semseg miou" in lines[header] and "median ms" in lines[header]
+    assert lines[header + 2].startswith("onnx-fp32") and "factorized" in lines[header + 2]
 
 
 def test_distill_without_teacher_stage_exits_2(tmp_path: Path, capsys) -> None:
