@@ -39,6 +39,9 @@ class TargetSpec:
     load: Callable[..., Any]
     runs_here: bool = True
     needs_calibration: bool = False  # export() takes calibration=[(B, 3, H, W) arrays] from training images
+    # The format needs constant conv weights (int8, XNNPACK, the Neural Engine): the dynamic-merge
+    # form, whose kernels are computed per image, cannot be exported to it.
+    static_weights: bool = False
 
 
 def _export_onnx_fp32(
@@ -81,6 +84,7 @@ TARGETS: dict[str, TargetSpec] = {
             _export_onnx_int8,
             _load_onnx,
             needs_calibration=True,
+            static_weights=True,
         ),
     )
 }

@@ -88,6 +88,11 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 calibration = _calibration_images(recipe, size)
             kwargs["calibration"] = calibration
         try:
+            if spec.static_weights and form == "dynamic-merge":
+                raise ConfigError(
+                    f"{name} needs static conv weights, but the model is in the dynamic-merge form (kernels "
+                    "computed per image); set deploy.form to factorized or frozen-gate"
+                )
             spec.export(
                 model,
                 path,

@@ -284,3 +284,44 @@ def test_frozen_gate_reparam_stage_with_finetune(tmp_path: Path, capsys) -> None
     assert m["max_abs_diff_vs_source"] < 1e-3
     arch = json.loads((runs / "demo" / "reparam" / "arch.json").read_text())
     assert arch["deploy"]["form"] == "frozen-gate" and arch["deploy"]["bn_folded"]
+
+
+@pytest.mark.slow
+def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys) -> None:
+    # dynamic-merge computes conv kernels per image: the int8 target refuses it, fp32 exports fine.
+    runs = tmp_path / "runs"
+    args = [
+        "pipeline",
+        "demo",
+        "--runs-dir",
+        str(runs),
+        "--no-progress",
+        "--set",
+        f"data.root={tmp_path / 'data'}",
+        "--set",
+        "data.synth={train: 8, val: 2, size: [64, 64], seed: 3}",
+        "--set",
+        "data.crop=[64, 64]",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "distill.train.steps=2",
+        "--set",
+        "distill.train.batch_size=2",
+        "--set",
+        "deploy.form=dynamic-merge",
+        "--set",
+        "validate.runs=2",
+        "--set",
+        "validate.warmup=1",
+    ]
+    assert main(args) == 1  # a target missed its gate: non-zero for CI
+    rows = {r["target"]: r for r in json.loads((runs / "demo" / "validate" / "results.json").read_text())}
+    assert rows["onnx-fp32"]["status"] == "passed"
+    assert rows["onnx-fp32"]["deploy_form"] == "dynamic-merge"
+    assert rows["onnx-int8"]["status"] == "export_failed"
+    assert "needs static conv weights" in rows["onnx-int8"]["reasons"][0]
+    md = (runs / "demo" / "report" / "report.md").read_text()
+    assert "| onnx-int8 | export failed |" in md and "needs static conv weights" in md
