@@ -39,6 +39,21 @@ def _err(capsys) -> str:
     return err
 
 
+def _tiny_demo(tmp_path: Path, seed: int, *sets: str) -> list[str]:
+    """Options running the demo recipe on 8 + 2 synthetic 64x64 scenes with 2-step stages."""
+    values = [
+        f"data.root={tmp_path / 'data'}",
+        f"data.synth={{train: 8, val: 2, size: [64, 64], seed: {seed}}}",
+        "data.crop=[64, 64]",
+        "train.steps=2",
+        "train.batch_size=2",
+        "distill.train.steps=2",
+        "distill.train.batch_size=2",
+        *sets,
+    ]
+    return ["--runs-dir", str(tmp_path / "runs"), "--no-progress", *(a for v in values for a in ("--set", v))]
+
+
 def test_missing_recipe_file_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["pipeline", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: recipe file does not exist" in _err(capsys)
@@ -215,21 +230,7 @@ def test_distill_from_incompatible_teacher_exits_2(tmp_path: Path, capsys) -> No
     from edgemt.pipeline import registry
     from edgemt.tasks import resolve_tasks
 
-    base = [
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--no-progress",
-        "--set",
-        f"data.root={tmp_path / 'data'}",
-        "--set",
-        "data.synth={train: 8, val: 2, size: [64, 64], seed: 0}",
-        "--set",
-        "data.crop=[64, 64]",
-        "--set",
-        "distill.train.steps=1",
-        "--set",
-        "distill.train.batch_size=2",
-    ]
+    base = _tiny_demo(tmp_path, 0)
     assert main(["pipeline", "demo", *base, "--until", "data"]) == 0
     # A "teacher" trained for other tasks, put where the teacher stage writes (manifest included).
     teacher_dir = tmp_path / "runs" / "demo" / "teacher"
@@ -249,31 +250,15 @@ def test_frozen_gate_reparam_stage_with_finetune(tmp_path: Path, capsys) -> None
     args = [
         "pipeline",
         "demo",
-        "--runs-dir",
-        str(runs),
-        "--no-progress",
         "--until",
         "reparam",
-        "--set",
-        f"data.root={tmp_path / 'data'}",
-        "--set",
-        "data.synth={train: 8, val: 2, size: [64, 64], seed: 2}",
-        "--set",
-        "data.crop=[64, 64]",
-        "--set",
-        "train.steps=2",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        "distill.train.steps=2",
-        "--set",
-        "distill.train.batch_size=2",
-        "--set",
-        "deploy.form=frozen-gate",
-        "--set",
-        "deploy.calibration_batches=1",
-        "--set",
-        "deploy.finetune_steps=2",
+        *_tiny_demo(
+            tmp_path,
+            2,
+            "deploy.form=frozen-gate",
+            "deploy.calibration_batches=1",
+            "deploy.finetune_steps=2",
+        ),
     ]
     assert main(args) == 0
     m = json.loads((runs / "demo" / "reparam" / "manifest.json").read_text())
@@ -293,29 +278,7 @@ def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys
     args = [
         "pipeline",
         "demo",
-        "--runs-dir",
-        str(runs),
-        "--no-progress",
-        "--set",
-        f"data.root={tmp_path / 'data'}",
-        "--set",
-        "data.synth={train: 8, val: 2, size: [64, 64], seed: 3}",
-        "--set",
-        "data.crop=[64, 64]",
-        "--set",
-        "train.steps=2",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        "distill.train.steps=2",
-        "--set",
-        "distill.train.batch_size=2",
-        "--set",
-        "deploy.form=dynamic-merge",
-        "--set",
-        "validate.runs=2",
-        "--set",
-        "validate.warmup=1",
+        *_tiny_demo(tmp_path, 3, "deploy.form=dynamic-merge", "validate.runs=2", "validate.warmup=1"),
     ]
     assert main(args) == 1  # a target missed its gate: non-zero for CI
     rows = {r["target"]: r for r in json.loads((runs / "demo" / "validate" / "results.json").read_text())}
