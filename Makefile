@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgemt-installed
 EXTRAS ?= export,dev
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo report-check test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/edgemt pipeline demo
+
+# Render the demo's HTML report in headless chromium (Debian: apt-get install chromium)
+# and save a screenshot next to it, to look at.
+REPORT := runs/demo/report
+report-check:
+	test -f $(REPORT)/report.html || { echo "no $(REPORT)/report.html: run make demo first"; exit 2; }
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,2600 \
+		--screenshot=$(REPORT)/screenshot.png file://$(CURDIR)/$(REPORT)/report.html
+	@echo "screenshot: $(REPORT)/screenshot.png"
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -265,15 +265,27 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report_dir: str | Path, summary: Mapping[str, Any]) -> dict[str, Path]:
-    """Write ``report.json`` and ``report.md`` into ``report_dir``; returns their paths."""
+def write_report(
+    report_dir: str | Path, summary: Mapping[str, Any], figures: Sequence[tuple[str, bytes]] | None = None
+) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and, given figures (caption, PNG bytes), the
+    self-contained ``report.html`` into ``report_dir``; returns their paths."""
     report_dir = Path(report_dir)
     paths = {"json": report_dir / "report.json", "md": report_dir / "report.md"}
-    # Render first so that a rendering error leaves neither file half-updated.
+    # Render first so that a rendering error leaves no file half-updated.
     md = render_markdown(summary)
+    page = None
+    if figures is not None:
+        from edgemt.targets.report_html import render_html
+
+        page = render_html(md, figures)
+        paths["html"] = report_dir / "report.html"
     write_json(paths["json"], summary)
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(md)
+    if page is not None:
+        with atomic_path(paths["html"]) as tmp:
+            tmp.write_text(page)
     return paths
 
 

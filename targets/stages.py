@@ -222,6 +222,72 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
         summary["notes"].append(
             "Boundary odsF is the Python protocol (NMS + one-to-one matching within maxDist), not MATLAB SEISM."
         )
-    paths = write_report(ctx.stage_dir, summary)
+    figures = _report_figures(recipe, summary, val_set, Path(ctx.parent_dir))
+    paths = write_report(ctx.stage_dir, summary, figures=figures)
     print(f"[report] {paths.get('md', ctx.stage_dir / 'report.md')}")
     return {"files": {k: str(v) for k, v in paths.items()}}
+
+
+def _report_figures(recipe: Recipe, summary: dict[str, Any], val_set, validate_dir: Path) -> list[tuple[str, bytes]]:
+    """The accuracy-vs-latency chart (PyTorch stages timed here, targets from validation) and,
+    per target that runs here, its predictions on the first validation scenes next to the ground truth."""
+    import numpy as np
+    import torch
+
+    from edgemt.metrics import delta_m
+    from edgemt.targets.latency import measure_latency
+    from edgemt.targets.report_html import accuracy_latency_png, predictions_png
+    from edgemt.targets.runtime import TorchModel
+    from edgemt.tasks import activate
+
+    tasks = val_set.resolved_tasks()
+    names = [t.name for t in tasks]
+    stages = summary["stages"]
+    threads = recipe.validate.threads
+    x = torch.stack([val_set[0]["image"]])
+    points: list[dict[str, Any]] = []
+    ref = stages[0]["metrics"] if stages and stages[0].get("metrics") else None
+    for row in stages:
+        model = load_model(recipe.run_dir / row["stage"]).eval()
+        rt = TorchModel(model, threads=threads)
+        lat = measure_latency(lambda rt=rt: rt.run(x.numpy()), warmup=3, runs=max(5, recipe.validate.runs // 3))
+        row["latency_pytorch_ms"] = lat["median_ms"]
+        points.append(
+            {"label": row["stage"], "latency_ms": lat["median_ms"], "delta_m": row.get("delta_m_%"), "kind": "stage"}
+        )
+    for r in summary["targets"]:
+        if r.get("status") == "passed" and ref and r.get("metrics"):
+            try:
+                dm = delta_m(r["metrics"], ref, tasks)
+            except (ConfigError, KeyError):
+                dm = None
+            lat = (r.get("latency") or {}).get("median_ms")
+            points.append({"label": r["target"], "latency_ms": lat, "delta_m": dm, "kind": "target"})
+    figures = [
+        (
+            "Accuracy (Δm vs the teacher) versus median latency; threads as stated in the tables",
+            accuracy_latency_png(points),
+        )
+    ]
+    n = min(3, len(val_set))
+    samples = [val_set[i] for i in range(n)]
+    images = np.stack([s["image"].numpy() for s in samples])
+    labels = {t: np.stack([np.asarray(s[t]) for s in samples]) for t in names}
+    exported = read_manifest(validate_dir.parent / "export") or {}
+    for r in summary["targets"]:
+        info = (exported.get("targets") or {}).get(r["target"], {})
+        spec = get_target(r["target"])
+        if r.get("status") != "passed" or not spec.runs_here or "path" not in info:
+            continue
+        runtime = spec.load(validate_dir.parent / "export" / info["path"], threads=threads, target=r["target"])
+        outs = [runtime.run(images[i : i + 1]) for i in range(n)]
+        preds = {
+            t.name: activate(t, torch.from_numpy(np.concatenate([o[t.name] for o in outs]))).numpy() for t in tasks
+        }
+        figures.append(
+            (
+                f"{r['target']}: predictions on the first {n} validation scenes",
+                predictions_png(images, preds, labels, names, IMAGENET_MEAN, IMAGENET_STD, r["target"]),
+            )
+        )
+    return figures

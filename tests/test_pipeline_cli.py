@@ -169,6 +169,11 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert row["latency"]["median_ms"] > 0 and row["threads"] == 1
     md = (report / "report.md").read_text()
     assert "| onnx-fp32 | passed |" in md
+    page = (report / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Accuracy (Δm vs the teacher) versus median latency" in page
+    assert page.count("data:image/png;base64,") == 1 + sum(r["status"] == "passed" for r in summary["targets"])
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert all(r["latency_pytorch_ms"] > 0 for r in summary["stages"])
     stages = ("data", "teacher", "student", "reparam", "export", "validate", "report")
     for stage in stages:
         m = json.loads((runs / "demo" / stage / "manifest.json").read_text())

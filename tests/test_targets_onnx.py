@@ -411,3 +411,52 @@ def test_onnx_int8_without_calibration_fails_clearly(tmp_path):
     with pytest.raises(OnnxExportError, match="calibration"):
         get_target("onnx-int8").export(model, tmp_path / "m.onnx", input_size=(32, 32), metadata={}, calibration=[])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    """The self-contained page renders in a real browser (Debian's chromium) to a non-blank screenshot."""
+    import shutil
+    import subprocess
+
+    from edgemt.targets.report import write_report
+    from edgemt.targets.report_html import accuracy_latency_png, predictions_png
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    summary = summary_skeleton("html-check", "synthetic", ["semseg", "depth"])
+    summary["stages"] = [{"stage": "teacher", "model": "m", "metrics": {"semseg": {"miou": 40.0}}, "delta_m_%": 0.0}]
+    chart = accuracy_latency_png(
+        [
+            {"label": "teacher", "latency_ms": 5.0, "delta_m": 0.0, "kind": "stage"},
+            {"label": "onnx-int8", "latency_ms": 1.0, "delta_m": -2.0, "kind": "target"},
+        ]
+    )
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 3, 32, 48)).astype(np.float32)
+    preds = {"semseg": rng.random((2, 5, 32, 48)), "depth": rng.random((2, 1, 32, 48))}
+    labels = {"semseg": rng.integers(0, 5, (2, 32, 48)), "depth": rng.random((2, 1, 32, 48))}
+    grid = predictions_png(images, preds, labels, ["semseg", "depth"], (0.5,) * 3, (0.25,) * 3, "onnx-fp32")
+    paths = write_report(tmp_path, summary, figures=[("chart", chart), ("grid", grid)])
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); the page was built but not rendered")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            paths["html"].as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 10  # text, tables and figures, not a blank page
