@@ -53,7 +53,8 @@ def accuracy_latency_png(points: Sequence[Mapping[str, Any]]) -> bytes:
     ax.set_ylabel("Δm vs teacher (%)")
     ax.set_title("Accuracy versus latency")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    if ax.collections:  # nothing measured (e.g. every target failed): no legend to draw
+        ax.legend(loc="best")
     return _png(fig)
 
 
