@@ -92,6 +92,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     report = recipe.run_dir / "report" / "report.md"
     if "report" in results and report.is_file():
         print(f"report: {report}")
+        if report.with_suffix(".html").is_file():
+            print(f"report: {report.with_suffix('.html')} (open in a browser)")
     failed = [n for n, m in results.items() if m.get("status") == "failed"]
     return 1 if failed else 0
 
