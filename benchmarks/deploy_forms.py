@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from edgemt.compress.reparam import calibrate_gates, reparameterize
 from edgemt.models import create_model
 from edgemt.models.student import LowRankExpertBlock
+from edgemt.targets.latency import measure_latency
 from edgemt.tasks import resolve_tasks
 
 FORMS = ("training", "dynamic-merge", "factorized", "frozen-gate")
@@ -70,15 +70,7 @@ def _randomize_bn(model: nn.Module) -> None:
 
 def _time_torch(model: nn.Module, x: torch.Tensor, runs: int, warmup: int = 10) -> float:
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+        return measure_latency(lambda: model(x), warmup=warmup, runs=runs)["median_ms"]
 
 
 def _time_ort(model: nn.Module, x: torch.Tensor, runs: int, workdir: Path, name: str, warmup: int = 10) -> float:
@@ -92,15 +84,7 @@ def _time_ort(model: nn.Module, x: torch.Tensor, runs: int, workdir: Path, name:
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    return measure_latency(lambda: sess.run(None, feed), warmup=warmup, runs=runs)["median_ms"]
 
 
 def _block_in_form(block: LowRankExpertBlock, form: str, x: torch.Tensor) -> nn.Module:

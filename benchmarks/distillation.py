@@ -15,6 +15,7 @@ Goal (issue 4): distillation improves the student's Delta_m by >= 3 points.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -76,10 +77,9 @@ def main() -> None:
     gains = []
     for seed in args.seeds:
         cfg = recipe.distill
-        tcfg = cfg.train
-        if args.steps:
-            tcfg = type(tcfg)(**{**tcfg.__dict__, "steps": args.steps})
-        tcfg = type(tcfg)(**{**tcfg.__dict__, "seed": seed, "checkpoint_every": 0, "eval_every": 0})
+        tcfg = dataclasses.replace(
+            cfg.train, steps=args.steps or cfg.train.steps, seed=seed, checkpoint_every=0, eval_every=0
+        )
         dm = {}
         for mode in ("ground truth only", "distilled"):
             torch.manual_seed(seed)

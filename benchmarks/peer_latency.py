@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from edgemt.io import read_json
 from edgemt.metrics import delta_m
 from edgemt.models import load_model
 from edgemt.models.profile import count_macs
+from edgemt.targets.latency import measure_latency
 from edgemt.targets.onnx import export_onnx
 from edgemt.targets.onnx_int8 import quantize_onnx_int8
 from edgemt.targets.runtime import OnnxRuntimeModel
@@ -53,14 +53,7 @@ class _Peer(nn.Module):
 def _latency(path: Path, shape, runs: int, warmup: int = 10) -> float:
     rt = OnnxRuntimeModel(path, threads=1)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(warmup):
-        rt.run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        rt.run(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return measure_latency(lambda: rt.run(x), warmup=warmup, runs=runs)["median_ms"]
 
 
 def _calibration(recipe, size, n: int) -> list[np.ndarray]:

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 def register(reg) -> None:
     from edgemt.cli import stage_command
-    from edgemt.pipeline import Stage
-
-    def lazy(fn_name: str):
-        def run(ctx):
-            from edgemt.compress import stages
-
-            return getattr(stages, fn_name)(ctx)
-
-        return run
+    from edgemt.pipeline import Stage, lazy_run
 
     reg.add_stage(
         Stage(
             "student",
-            lazy("distill_stage"),
+            lazy_run("edgemt.compress.stages", "distill_stage"),
             "train the student, distilled from the teacher",
             sections=("data", "student", "distill"),
             produces_model=True,
@@ -28,7 +20,7 @@ def register(reg) -> None:
     reg.add_stage(
         Stage(
             "reparam",
-            lazy("reparam_stage"),
+            lazy_run("edgemt.compress.stages", "reparam_stage"),
             "reparameterize the student for deployment (deploy.form) and fold BatchNorm",
             sections=("data", "deploy"),
             produces_model=True,

@@ -120,7 +120,7 @@ class DistillConfig:
             raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
         if self.cwd_tau <= 0:
             raise ConfigError(f"distill.cwd_tau: expected > 0, got {self.cwd_tau}")
-        if min(self.gt_weight, self.feature_weight, *self.weights.values(), 0.0) < 0:
+        if any(w < 0 for w in (self.gt_weight, self.feature_weight, *self.weights.values())):
             raise ConfigError("distill: weights must be >= 0")
 
 

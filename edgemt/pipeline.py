@@ -26,7 +26,7 @@ from edgemt.config import Recipe, to_dict
 from edgemt.errors import ConfigError, UserError
 from edgemt.io import config_hash, file_hash, read_manifest, write_manifest
 
-__all__ = ["Stage", "Command", "Registry", "StageContext", "registry", "run_pipeline", "run_stage"]
+__all__ = ["Stage", "Command", "Registry", "StageContext", "registry", "run_pipeline", "run_stage", "lazy_run"]
 
 
 @dataclass
@@ -71,6 +71,17 @@ class Stage:
     needs_model: bool = False
     dir_name: str | None = None
     check: Callable[[Recipe], None] | None = None
+
+
+def lazy_run(module: str, function: str) -> Callable[[StageContext], dict[str, Any]]:
+    """A stage ``run`` that imports ``module`` only when the stage runs (plugins stay cheap to load)."""
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(ctx)
+
+    return run
 
 
 @dataclass

@@ -63,15 +63,7 @@ def _benchmark_command():
 
 def register(reg) -> None:
     from edgemt.cli import stage_command
-    from edgemt.pipeline import Stage
-
-    def lazy(fn_name: str):
-        def run(ctx):
-            from edgemt.targets import stages
-
-            return getattr(stages, fn_name)(ctx)
-
-        return run
+    from edgemt.pipeline import Stage, lazy_run
 
     def check_targets(recipe) -> None:
         from edgemt.targets.registry import get_target
@@ -82,7 +74,7 @@ def register(reg) -> None:
     reg.add_stage(
         Stage(
             "export",
-            lazy("export_stage"),
+            lazy_run("edgemt.targets.stages", "export_stage"),
             "export the model to every target",
             sections=("data", "export"),
             needs_model=True,
@@ -91,12 +83,18 @@ def register(reg) -> None:
     )
     reg.add_stage(
         Stage(
-            "validate", lazy("validate_stage"), "accuracy, parity and latency per target", sections=("data", "validate")
+            "validate",
+            lazy_run("edgemt.targets.stages", "validate_stage"),
+            "accuracy, parity and latency per target",
+            sections=("data", "validate"),
         )
     )
     reg.add_stage(
         Stage(
-            "report", lazy("report_stage"), "write report.md and report.json", sections=("data", "validate", "export")
+            "report",
+            lazy_run("edgemt.targets.stages", "report_stage"),
+            "write report.md and report.json",
+            sections=("data", "validate", "export"),
         )
     )
     reg.add_command(_with_targets("export", "export", "export the latest model stage to the recipe's targets"))

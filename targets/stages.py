@@ -273,13 +273,17 @@ def _report_figures(recipe: Recipe, summary: dict[str, Any], val_set, validate_d
     samples = [val_set[i] for i in range(n)]
     images = np.stack([s["image"].numpy() for s in samples])
     labels = {t: np.stack([np.asarray(s[t]) for s in samples]) for t in names}
-    exported = read_manifest(validate_dir.parent / "export") or {}
+    # The artifacts live in the validate stage's parent (the export stage).
+    export_dir = Path(
+        ((read_manifest(validate_dir) or {}).get("parent") or {}).get("dir", validate_dir.parent / "export")
+    )
+    exported = read_manifest(export_dir) or {}
     for r in summary["targets"]:
         info = (exported.get("targets") or {}).get(r["target"], {})
         spec = get_target(r["target"])
         if r.get("status") != "passed" or not spec.runs_here or "path" not in info:
             continue
-        runtime = spec.load(validate_dir.parent / "export" / info["path"], threads=threads, target=r["target"])
+        runtime = spec.load(export_dir / info["path"], threads=threads, target=r["target"])
         outs = [runtime.run(images[i : i + 1]) for i in range(n)]
         preds = {
             t.name: activate(t, torch.from_numpy(np.concatenate([o[t.name] for o in outs]))).numpy() for t in tasks

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 def register(reg) -> None:
     from edgemt.cli import stage_command
-    from edgemt.pipeline import Stage
+    from edgemt.pipeline import Stage, lazy_run
 
-    def run(ctx):
-        from edgemt.train.stages import train_model_stage
-
-        return train_model_stage(ctx)
-
+    run = lazy_run("edgemt.train.stages", "train_model_stage")
     reg.add_stage(
         Stage("teacher", run, "train the teacher model", sections=("data", "teacher", "train"), produces_model=True)
     )

@@ -149,9 +149,9 @@ class ViTBackbone(nn.Module):
         return self.vit.forward_intermediates(x, indices=list(self.taps), output_fmt="NCHW", intermediates_only=True)
 
 
-def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import ConfigError
-from edgemt.models.backbones import load_backbone_weights
+from edgemt.models.backbones import conv_bn_act, load_backbone_weights
 from edgemt.models.registry import MultiTaskModel, register_model
 from edgemt.tasks import Task
 
@@ -72,14 +72,8 @@ __all__ = ["FORMS", "LowRankExpertBlock", "StudentMTL", "student_xs", "student_s
 FORMS = ("training", "dynamic-merge", "factorized", "frozen-gate")
 
 
-def _cbr(cin: int, cout: int, k: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-    )
-
-
 def _dw_separable(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(_cbr(cin, cin, 3, groups=cin), _cbr(cin, cout, 1))
+    return nn.Sequential(conv_bn_act(cin, cin, 3, groups=cin), conv_bn_act(cin, cout, 1))
 
 
 class LowRankExpertBlock(nn.Module):
@@ -211,14 +205,15 @@ class LowRankExpertBlock(nn.Module):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         return scale, bn.bias - bn.running_mean * scale
 
-    def _composed(self, t: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each expert's (U D) as one kxk kernel: experts (E, C, C, k, k), task (C, C, k, k), generic."""
+    @staticmethod
+    def _compose(up: nn.Conv2d, down: nn.Conv2d) -> torch.Tensor:
+        """A low-rank pair (kxk C -> r, then 1x1 r -> C) as one kxk kernel (C, C, k, k)."""
+        return torch.einsum("or,rckl->ockl", up.weight[:, :, 0, 0], down.weight)
 
-        def compose(up: nn.Conv2d, down: nn.Conv2d) -> torch.Tensor:
-            return torch.einsum("or,rckl->ockl", up.weight[:, :, 0, 0], down.weight)
-
-        experts = torch.stack([compose(u, d) for u, d in zip(self.up, self.down)])
-        return experts, compose(self.task_up[t], self.task_down[t]), compose(self.generic_up, self.generic_down)
+    def _shared_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The composed experts (E, C, C, k, k) and generic kernel, shared by every task."""
+        experts = torch.stack([self._compose(u, d) for u, d in zip(self.up, self.down)])
+        return experts, self._compose(self.generic_up, self.generic_down)
 
     def _dynamic(self, t: str, x: torch.Tensor, g: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         experts, generic_k = self.dm_experts, self.dm_generic
@@ -252,8 +247,9 @@ class LowRankExpertBlock(nn.Module):
         if form == "dynamic-merge":
             # Merged kernels are buffers of the artifact: the composed experts (shared by the
             # tasks), the generic kernel, and per task its kernel and BN_t's scale and shift.
+            experts, generic_k = self._shared_kernels()
             for t in self.task_names:
-                experts, task_k, generic_k = self._composed(t)
+                task_k = self._compose(self.task_up[t], self.task_down[t])
                 scale, bias = self._bn(t)
                 for n, v in (("task", task_k), ("scale", scale), ("bias", bias)):
                     self.register_buffer(f"dm_{n}_{t}", v.detach().clone())
@@ -300,8 +296,9 @@ class LowRankExpertBlock(nn.Module):
                 raise ConfigError(
                     "frozen-gate needs frozen_gates: run edgemt.compress.reparam.calibrate_gates(model, data) first"
                 )
+            experts, generic_k = self._shared_kernels()
             for ti, t in enumerate(self.task_names):
-                experts, task_k, generic_k = self._composed(t)
+                task_k = self._compose(self.task_up[t], self.task_down[t])
                 gates = self.frozen_gates[ti]
                 kernel = torch.einsum("e,eockl->ockl", gates[:-1], experts) + gates[-1] * task_k + generic_k
                 scale, bias = self._bn(t)
@@ -381,16 +378,16 @@ class StudentMTL(MultiTaskModel):
         if list(reds) != [4, 8, 16, 32]:
             raise ConfigError(f"student backbone {backbone!r}: feature strides {reds}, expected [4, 8, 16, 32]")
         self.backbone_name = backbone
-        self.laterals = nn.ModuleList(_cbr(c, width) for c in chans[1:])
+        self.laterals = nn.ModuleList(conv_bn_act(c, width, 1) for c in chans[1:])
         self.smooth = _dw_separable(width, width)
-        self.fine = _cbr(chans[0], head_width)
+        self.fine = conv_bn_act(chans[0], head_width, 1)
         self.blocks = nn.ModuleList(
             LowRankExpertBlock(
                 self.task_names, width, ranks, task_rank, generic_rank, kernel_size, top_k, shared_input=(i == 0)
             )
             for i in range(num_blocks)
         )
-        self.reduce = nn.ModuleDict({t: _cbr(width, head_width) for t in self.task_names})
+        self.reduce = nn.ModuleDict({t: conv_bn_act(width, head_width, 1) for t in self.task_names})
         self.heads = nn.ModuleDict(
             {
                 t.name: nn.Sequential(_dw_separable(head_width, head_width), nn.Conv2d(head_width, t.channels, 1))
@@ -398,19 +395,12 @@ class StudentMTL(MultiTaskModel):
             }
         )
         self.balance_weight = float(balance_weight)
-        self.form = "training"
         self.last_features: dict[str, torch.Tensor] = {}
-
-    @property
-    def feature_channels(self) -> int:
-        """Channels of the decoder features exposed for feature distillation (``last_features``)."""
-        return self.blocks[-1].channels if self.blocks else self.laterals[0][0].out_channels
 
     def set_form(self, form: str) -> StudentMTL:
         """Switch every expert block to ``form`` (see the module docstring); returns self."""
         for blk in self.blocks:
             blk.set_form(form)
-        self.form = form
         return self
 
     def forward_decoder(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
