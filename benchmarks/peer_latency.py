@@ -1,12 +1,13 @@
 """The demo student (all tasks) against torchvision's LR-ASPP MobileNetV3-Large
 (semantic segmentation only), same input size, runtime, precision and threads.
 
-Measured in one run with ONNX Runtime (1 thread, batch 1) in fp32 and int8
-(static QDQ, calibrated on the same training images for both models). Reports
-the student/peer latency ratio per precision (goal: at most 1.5x for all
-tasks against one), the int8/fp32 ratio per model (goal: at most 0.6), and,
-from the run's validation, the int8 accuracy drop in Delta_m against fp32
-(goal: at most 1 point). LiteRT rows come with the TFLite targets (issue 5).
+Measured in one run, 1 thread, batch 1, with ONNX Runtime (fp32; int8 static
+QDQ) and LiteRT (XNNPACK; fp32 and int8 through litert-torch's pt2e), both
+models calibrated on the same training images. Reports the student/peer
+latency ratio per runtime and precision (goal: at most 1.5x for all tasks
+against one), the int8/fp32 ratio per model and runtime (goal: at most 0.6),
+and, from the run's validation, the int8 accuracy drop in Delta_m against
+fp32 per runtime (goal: at most 1 point).
 
     python benchmarks/peer_latency.py --run runs/demo --sizes 96x128 256x320
 """
@@ -32,6 +33,7 @@ from edgemt.targets.latency import measure_latency
 from edgemt.targets.onnx import export_onnx
 from edgemt.targets.onnx_int8 import quantize_onnx_int8
 from edgemt.targets.runtime import OnnxRuntimeModel
+from edgemt.targets.tflite import TFLiteModel, export_tflite
 
 
 class _Peer(nn.Module):
@@ -51,7 +53,7 @@ class _Peer(nn.Module):
 
 
 def _latency(path: Path, shape, runs: int, warmup: int = 10) -> float:
-    rt = OnnxRuntimeModel(path, threads=1)
+    rt = TFLiteModel(path, threads=1) if path.suffix == ".tflite" else OnnxRuntimeModel(path, threads=1)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     return measure_latency(lambda: rt.run(x), warmup=warmup, runs=runs)["median_ms"]
 
@@ -87,33 +89,46 @@ def main() -> None:
             calib = _calibration(recipe, size, args.calibration_images)
             lat = {}
             for name, model in (("student", student), ("peer", peer)):
-                fp32 = export_onnx(model, tmp / f"{name}{size_s}.onnx", input_size=size)
-                int8 = quantize_onnx_int8(fp32, tmp / f"{name}{size_s}-int8.onnx", calib)
-                lat[name] = {p: _latency(f, (1, 3, *size), args.runs) for p, f in (("fp32", fp32), ("int8", int8))}
-                rows.append(
-                    {
-                        "size": size_s,
-                        "model": f"{model_dir.name} {getattr(model, 'registry_name', '')}".strip()
-                        if name == "student"
-                        else "lraspp_mobilenet_v3_large (semseg only)",
-                        "tasks": len(model.tasks),
-                        "GMACs": round(count_macs(model, size) / 1e9, 4),
-                        "ort_fp32_ms": round(lat[name]["fp32"], 3),
-                        "ort_int8_ms": round(lat[name]["int8"], 3),
-                        "int8/fp32": round(lat[name]["int8"] / lat[name]["fp32"], 3),
-                    }
-                )
-            for p in ("fp32", "int8"):
-                rows[-2][f"student/peer {p}"] = round(lat["student"][p] / lat["peer"][p], 3)
+                files = {}
+                files["ort_fp32"] = export_onnx(model, tmp / f"{name}{size_s}.onnx", input_size=size)
+                files["ort_int8"] = quantize_onnx_int8(files["ort_fp32"], tmp / f"{name}{size_s}-int8.onnx", calib)
+                for p in ("fp32", "int8"):
+                    files[f"litert_{p}"] = export_tflite(
+                        model,
+                        tmp / f"{name}{size_s}-{p}.tflite",
+                        precision=p,
+                        input_size=size,
+                        calibration=calib if p == "int8" else None,
+                    )
+                lat[name] = {k: _latency(f, (1, 3, *size), args.runs) for k, f in files.items()}
+                row = {
+                    "size": size_s,
+                    "model": f"{model_dir.name} {getattr(model, 'registry_name', '')}".strip()
+                    if name == "student"
+                    else "lraspp_mobilenet_v3_large (semseg only)",
+                    "tasks": len(model.tasks),
+                    "GMACs": round(count_macs(model, size) / 1e9, 4),
+                }
+                for rt in ("ort", "litert"):
+                    row[f"{rt}_fp32_ms"] = round(lat[name][f"{rt}_fp32"], 3)
+                    row[f"{rt}_int8_ms"] = round(lat[name][f"{rt}_int8"], 3)
+                    row[f"{rt} int8/fp32"] = round(lat[name][f"{rt}_int8"] / lat[name][f"{rt}_fp32"], 3)
+                rows.append(row)
+            for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
+                rows[-2][f"student/peer {k}"] = round(lat["student"][k] / lat["peer"][k], 3)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    summary: dict = {"rows": rows, "threads": 1, "runtime": "onnxruntime"}
+    summary: dict = {"rows": rows, "threads": 1, "runtimes": ["onnxruntime", "litert (xnnpack)"]}
     results = run / "validate" / "results.json"
     if results.is_file():
         by = {r["target"]: r for r in read_json(results)}
-        if "onnx-fp32" in by and "onnx-int8" in by and by["onnx-int8"].get("metrics"):
-            drop = -delta_m(by["onnx-int8"]["metrics"], by["onnx-fp32"]["metrics"], student.tasks)
-            summary["int8_delta_m_drop_points"] = round(drop, 3)
-            print(f"int8 accuracy drop vs fp32 (run's validation split): {drop:+.3f} points of Delta_m (goal <= 1)")
+        for fmt in ("onnx", "tflite"):
+            fp32, int8 = by.get(f"{fmt}-fp32"), by.get(f"{fmt}-int8")
+            if fp32 and int8 and fp32.get("metrics") and int8.get("metrics"):
+                drop = -delta_m(int8["metrics"], fp32["metrics"], student.tasks)
+                summary[f"{fmt}_int8_delta_m_drop_points"] = round(drop, 3)
+                print(
+                    f"{fmt}-int8 accuracy drop vs {fmt}-fp32 (validation split): {drop:+.3f} points of Delta_m (goal <= 1)"
+                )
     write_json(args.out, summary)
 
 

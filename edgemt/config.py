@@ -156,6 +156,8 @@ class ExportConfig:
     input_size: tuple[int, int] | None = None
     # int8 targets: training images (eval transform, in split order) that calibrate activation ranges.
     calibration_images: int = 64
+    # TFLite converter: litert-torch (PyTorch -> TFLite) or onnx2tf (ONNX -> TF SavedModel -> TFLiteConverter).
+    tflite_converter: Literal["litert-torch", "onnx2tf"] = "litert-torch"
 
 
 @dataclasses.dataclass
@@ -167,6 +169,33 @@ class ValidateConfig:
     parity: dict[str, ParityThresholds] = dataclasses.field(
         default_factory=lambda: {
             "fp32": ParityThresholds(),
+            # fp16 weights (TFLite) or fp16 compute (Core ML on a Mac): rounding at class borders only.
+            "fp16": ParityThresholds(
+                semseg_agreement=0.98,
+                depth_rel_err=0.02,
+                normals_deg=2.0,
+                edge_f=0.85,
+                saliency_agreement=0.98,
+                human_parts_agreement=0.98,
+            ),
+            # Core ML int8 weights with fp16 activations: between fp16 and full int8.
+            "int8w": ParityThresholds(
+                semseg_agreement=0.95,
+                depth_rel_err=0.03,
+                normals_deg=3.0,
+                edge_f=0.8,
+                saliency_agreement=0.95,
+                human_parts_agreement=0.95,
+            ),
+            # 4-bit palettized weights (16 values per tensor) move predictions more than int8.
+            "pal4": ParityThresholds(
+                semseg_agreement=0.85,
+                depth_rel_err=0.08,
+                normals_deg=8.0,
+                edge_f=0.6,
+                saliency_agreement=0.85,
+                human_parts_agreement=0.85,
+            ),
             # Post-training int8 moves argmaxes at class borders and shifts regressions by a few percent.
             "int8": ParityThresholds(
                 semseg_agreement=0.9,

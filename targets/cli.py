@@ -43,7 +43,7 @@ def _benchmark_command():
         from edgemt.targets.registry import TARGETS
         from edgemt.targets.report import benchmark_table
 
-        targets = args.targets or sorted(TARGETS)
+        targets = args.targets or list(TARGETS)  # registry order: ONNX, TFLite, Core ML
         args.overrides.append(f"export.targets=[{', '.join(targets)}]")
         recipe = recipe_from_args(args)
         progress = not args.no_progress
@@ -76,7 +76,7 @@ def register(reg) -> None:
             "export",
             lazy_run("edgemt.targets.stages", "export_stage"),
             "export the model to every target",
-            sections=("data", "export"),
+            sections=("data", "export", "deploy"),
             needs_model=True,
             check=check_targets,
         )

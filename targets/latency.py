@@ -12,8 +12,9 @@ Memory, two figures with different meanings:
   (``getrusage(RUSAGE_SELF).ru_maxrss``). In a pipeline process that also
   holds torch, the dataset and other targets, it says little about one
   target; it is cheap and always available.
-* :func:`onnx_peak_memory` measures one ONNX model in a fresh child process
-  that imports only numpy and onnxruntime: ``VmHWM`` (peak RSS) after the
+* :func:`runtime_peak_memory` measures one ONNX or TFLite model in a fresh
+  child process that imports only numpy and its runtime (onnxruntime or
+  ai_edge_litert): ``VmHWM`` (peak RSS) after the
   imports is the baseline, and the peak after creating the session and
   running it is the total; the difference is what loading and running that
   model costs (weights, arena, intermediate tensors). This is the figure to
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["measure_latency", "peak_rss_mb", "onnx_peak_memory"]
+__all__ = ["measure_latency", "peak_rss_mb", "runtime_peak_memory", "onnx_peak_memory"]
 
 
 def measure_latency(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30) -> dict[str, float | int]:
@@ -74,12 +75,12 @@ def peak_rss_mb() -> float:
 
 
 # The child reads VmHWM (peak RSS) from /proc where it exists; elsewhere it
-# falls back to ru_maxrss, which is the same figure.
+# falls back to ru_maxrss, which is the same figure. It imports only numpy and
+# the runtime under test, so the baseline is that runtime's import cost.
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np
-    import onnxruntime as ort
 
     def hwm_mb():
         try:
@@ -93,38 +94,68 @@ _CHILD = textwrap.dedent(
         return r / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
 
     args = json.loads(sys.argv[1])
-    base = hwm_mb()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args["threads"]
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(args["path"], so, providers=["CPUExecutionProvider"])
-    x = np.zeros(args["shape"], dtype=np.float32)
-    name = sess.get_inputs()[0].name
+    if args["kind"] == "onnx":
+        import onnxruntime as ort
+        base = hwm_mb()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args["threads"]
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(args["path"], so, providers=["CPUExecutionProvider"])
+        x = np.zeros(args["shape"], dtype=np.float32)
+        name = sess.get_inputs()[0].name
+        run = lambda: sess.run(None, {name: x})
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+        base = hwm_mb()
+        it = Interpreter(model_path=args["path"], num_threads=args["threads"])
+        runner = it.get_signature_runner()
+        (name, detail), = runner.get_input_details().items()
+        x = np.zeros(args["shape"], dtype=detail["dtype"])
+        run = lambda: runner(**{name: x})
     for _ in range(args["runs"]):
-        sess.run(None, {name: x})
+        run()
     peak = hwm_mb()
     print(json.dumps({"baseline_mb": base, "peak_rss_mb": peak}))
     """
 )
 
+_RUNTIME_IMPORT = {"onnx": "numpy+onnxruntime", "tflite": "numpy+ai_edge_litert"}
 
-def onnx_peak_memory(
-    path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 3, timeout_s: float = 120.0
+
+def runtime_peak_memory(
+    kind: str,
+    path: str | Path,
+    input_shape: Sequence[int],
+    *,
+    threads: int = 1,
+    runs: int = 3,
+    timeout_s: float = 120.0,
 ) -> dict[str, Any]:
-    """Peak memory of loading and running one ONNX model, in a fresh child process.
+    """Peak memory of loading and running one model file, in a fresh child process.
+
+    Args:
+        kind: ``onnx`` (ONNX Runtime) or ``tflite`` (LiteRT interpreter).
 
     Returns:
         ``{"peak_rss_mb", "baseline_mb", "model_mb", "method"}``: the child's
-        peak RSS, its peak after importing numpy + onnxruntime, and their
+        peak RSS, its peak after importing numpy and the runtime, and their
         difference (the model's own cost); or ``{"error": ...}`` if the child
         failed, so a memory probe never fails a validation.
     """
+    if kind not in _RUNTIME_IMPORT:
+        raise ValueError(f"kind must be one of {sorted(_RUNTIME_IMPORT)}, got {kind!r}")
     args = json.dumps(
-        {"path": str(path), "shape": [int(s) for s in input_shape], "threads": int(threads), "runs": int(runs)}
+        {
+            "kind": kind,
+            "path": str(path),
+            "shape": [int(s) for s in input_shape],
+            "threads": int(threads),
+            "runs": int(runs),
+        }
     )
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="3")
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, args],
@@ -147,5 +178,12 @@ def onnx_peak_memory(
         "peak_rss_mb": round(float(res["peak_rss_mb"]), 2),
         "baseline_mb": round(float(res["baseline_mb"]), 2),
         "model_mb": round(float(res["peak_rss_mb"]) - float(res["baseline_mb"]), 2),
-        "method": "child process VmHWM: after numpy+onnxruntime import vs after session + runs",
+        "method": f"child process VmHWM: after {_RUNTIME_IMPORT[kind]} import vs after loading + runs",
     }
+
+
+def onnx_peak_memory(
+    path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 3, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """:func:`runtime_peak_memory` for an ONNX file (ONNX Runtime)."""
+    return runtime_peak_memory("onnx", path, input_shape, threads=threads, runs=runs, timeout_s=timeout_s)

@@ -202,7 +202,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines += ["## Targets", ""]
     targets = summary.get("targets") or []
     if targets:
-        header = ["target", "status", "size MB", "peak mem MB"]
+        header = ["target", "status", "deploy form", "size MB", "peak mem MB"]
         for t in tasks:
             arrow = "↑" if t.get("higher_is_better", True) else "↓"
             header.append(f"{t['name']} {t['metric']}{arrow} (PyTorch / runtime)")
@@ -213,6 +213,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             row = [
                 _fmt(r.get("target")),
                 _STATUS_TEXT.get(r.get("status", ""), _fmt(r.get("status"))),
+                _fmt(r.get("deploy_form")),
                 _fmt(r.get("size_mb")),
                 _fmt(r.get("peak_rss_mb")),
             ]
@@ -235,6 +236,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             "Peak memory is the runtime's own peak RSS measured in a fresh process where the target offers it, "
             "else the whole validation process's peak."
         )
+        noted = [r for r in targets if r.get("notes") or r.get("deploy_form_note")]
+        if noted:
+            lines += ["", "### Target notes", ""]
+            for r in noted:
+                for note in ([r["deploy_form_note"]] if r.get("deploy_form_note") else []) + list(r.get("notes") or []):
+                    lines.append(f"- **{_fmt(r.get('target'))}**: {_fmt(note)}")
         failed = [r for r in targets if r.get("status") != "passed" and r.get("reasons")]
         if failed:
             lines += ["", "### Reasons", ""]

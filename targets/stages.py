@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,64 @@ def _calibration_images(recipe: Recipe, size: tuple[int, int]) -> list:
     return [np.concatenate(images[i : i + batch]) for i in range(0, len(images) - batch + 1, batch)]
 
 
+def artifact_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory artifact (``.mlpackage``)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+class _DeployForms:
+    """Gives each target the model in a deploy form it can take, and says why.
+
+    A target that needs constant conv weights (int8, TFLite, Core ML) gets its
+    preferred static form (``factorized``: exact, the fastest static form) when
+    the model's own form is the training form or ``dynamic-merge`` (kernels
+    computed per image). A ``dynamic-merge`` model is rebuilt from the trained
+    model the reparam stage started from. Targets without that need get the
+    model as it is. Converted models are cached per form.
+    """
+
+    def __init__(self, model, model_dir: Path, size: tuple[int, int], fold_bn: bool) -> None:
+        self.model = model
+        self.model_dir = model_dir
+        self.size = size
+        self.fold_bn = fold_bn
+        self.form = (getattr(model, "deploy_record", None) or {}).get("form", "training")
+        self._cache: dict[str, Any] = {}
+
+    def _has_experts(self) -> bool:
+        return any(hasattr(m, "frozen_gates") and hasattr(m, "set_form") for m in self.model.modules())
+
+    def for_target(self, spec) -> tuple[Any, str, str | None]:
+        """``(model, form, note)``; ``note`` explains a form other than the model's own."""
+        if not spec.static_weights or self.form in ("factorized", "frozen-gate") or not self._has_experts():
+            return self.model, self.form, None
+        want = spec.deploy_form if spec.deploy_form != "training" else "factorized"
+        if want not in self._cache:
+            import copy
+
+            from edgemt.compress.reparam import reparameterize
+
+            if self.form == "training":
+                source = copy.deepcopy(self.model)
+            else:
+                src = (read_manifest(self.model_dir) or {}).get("source")
+                if not src or not (Path(src) / "arch.json").is_file():
+                    raise ConfigError(
+                        f"{spec.name} needs static conv weights, but the model is in the {self.form} form (kernels "
+                        "computed per image) and the trained model it came from is not recorded; set deploy.form "
+                        "to factorized or frozen-gate"
+                    )
+                source = load_model(src).eval()
+            reparameterize(source, want, input_size=self.size, fold_bn=self.fold_bn)
+            self._cache[want] = source
+        why = "computes its kernels per image" if self.form == "dynamic-merge" else "is the training form"
+        note = f"{want}: {spec.name} needs static conv weights and the model's {self.form} form {why}"
+        return self._cache[want], want, note
+
+
 def export_stage(ctx: StageContext) -> dict[str, Any]:
     from edgemt.targets.onnx import make_metadata
 
@@ -64,37 +123,35 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(recipe.data, "val", train=False)
     size = eval_input_size(recipe, val_set)
     source_hash = file_hash(model_dir / "weights.safetensors")
-    # The form the model was reparameterized to (the reparam stage), else its training form.
-    form = (getattr(model, "deploy_record", None) or {}).get("form", "training")
+    forms = _DeployForms(model, model_dir, size, recipe.deploy.fold_bn)
     results: dict[str, Any] = {}
     calibration = None
     for spec in specs:
         name = spec.name
-        meta = make_metadata(
-            model.tasks,
-            input_size=size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            classes=getattr(val_set, "class_names", {}),
-            deploy_form=form,
-            source_hash=source_hash,
-            model_name=model.registry_name,
-            extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
-        )
         path = ctx.stage_dir / name / f"model{spec.suffix}"
-        kwargs: dict[str, Any] = {}
-        if spec.needs_calibration:
-            if calibration is None:
-                calibration = _calibration_images(recipe, size)
-            kwargs["calibration"] = calibration
+        t0 = time.perf_counter()
         try:
-            if spec.static_weights and form == "dynamic-merge":
-                raise ConfigError(
-                    f"{name} needs static conv weights, but the model is in the dynamic-merge form (kernels "
-                    "computed per image); set deploy.form to factorized or frozen-gate"
-                )
+            target_model, form, note = forms.for_target(spec)
+            meta = make_metadata(
+                model.tasks,
+                input_size=size,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                classes=getattr(val_set, "class_names", {}),
+                deploy_form=form,
+                source_hash=source_hash,
+                model_name=model.registry_name,
+                extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
+            )
+            kwargs: dict[str, Any] = {}
+            if spec.needs_calibration:
+                if calibration is None:
+                    calibration = _calibration_images(recipe, size)
+                kwargs["calibration"] = calibration
+            if spec.format == "tflite":
+                kwargs["route"] = recipe.export.tflite_converter
             spec.export(
-                model,
+                target_model,
                 path,
                 input_size=size,
                 metadata=meta,
@@ -102,13 +159,23 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 batch=recipe.export.batch,
                 **kwargs,
             )
+            size_bytes = artifact_size(path)
             results[name] = {
                 "status": "exported",
                 "path": str(path.relative_to(ctx.stage_dir)),
-                "size_bytes": path.stat().st_size,
+                "size_bytes": size_bytes,
                 "deploy_form": form,
+                "export_s": round(time.perf_counter() - t0, 2),
             }
-            print(f"[export] {name}: {path} ({path.stat().st_size / 1e6:.2f} MB, deploy form {form})")
+            if note:
+                results[name]["deploy_form_note"] = note
+            if spec.format == "tflite":
+                results[name]["converter"] = recipe.export.tflite_converter
+            print(
+                f"[export] {name}: {path} ({size_bytes / 1e6:.2f} MB, deploy form {form}"
+                + (f" chosen: {note.split(': ', 1)[1]}" if note else "")
+                + f", {time.perf_counter() - t0:.1f} s)"
+            )
         except Exception as e:  # one failing target never stops the others
             results[name] = {
                 "status": "export_failed",
@@ -138,6 +205,11 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
             continue
         if recipe.validate.parity.get(spec.precision) is None:
             raise ConfigError(f"validate.parity: no thresholds for precision {spec.precision!r} (target {name})")
+        if not spec.runs_here:
+            rows.append(_not_run_entry(spec, ctx.parent_dir / info["path"], info, model.tasks, exported["input_size"]))
+            r = rows[-1]
+            print(f"[validate] {name}: {r['status']} ({'; '.join(r['reasons'] or [r['not_run_reason']])})")
+            continue
         try:
             runtime = spec.load(ctx.parent_dir / info["path"], threads=recipe.validate.threads, target=name)
             row = validate_runtime(
@@ -159,15 +231,51 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
                 "reasons": [f"{type(e).__name__}: {e}"],
             }
         row.update({"deploy_form": info.get("deploy_form"), "runtime": spec.runtime, "format": spec.format})
+        for key in ("deploy_form_note", "converter"):
+            if info.get(key):
+                row[key] = info[key]
         rows.append(row)
         print(f"[validate] {name}: {row['status']}" + (f" ({'; '.join(row['reasons'])})" if row.get("reasons") else ""))
     write_json(ctx.stage_dir / "results.json", rows)
-    failed = [r["target"] for r in rows if r["status"] != "passed"]
+    # A target this host cannot run (Core ML off macOS) passed its static checks: not a failure.
+    failed = [r["target"] for r in rows if r["status"] not in ("passed", "not_run")]
     return {
         "targets": {r["target"]: r["status"] for r in rows},
         "status": "failed" if failed else "passed",
         "exit_code": 1 if failed else 0,
     }
+
+
+def _not_run_entry(spec, path: Path, info: dict[str, Any], tasks, input_size) -> dict[str, Any]:
+    """A target this host cannot execute (Core ML off macOS): its static program checks instead of numerics."""
+    import sys
+
+    row: dict[str, Any] = {
+        "target": spec.name,
+        "precision": spec.precision,
+        "deploy_form": info.get("deploy_form"),
+        "runtime": spec.runtime,
+        "format": spec.format,
+        "size_bytes": info.get("size_bytes"),
+        "size_mb": round(info["size_bytes"] / 2**20, 3) if info.get("size_bytes") else None,
+        "reasons": [],
+    }
+    if info.get("deploy_form_note"):
+        row["deploy_form_note"] = info["deploy_form_note"]
+    try:
+        if spec.check is None:
+            raise ConfigError(f"{spec.name} cannot run on {sys.platform} and has no static check")
+        row["program"] = spec.check(path, tasks, tuple(input_size), precision=spec.precision)
+        row["status"] = "not_run"
+        row["not_run_reason"] = (
+            f"{spec.not_here or f'{spec.runtime} does not run on {sys.platform}'}: numerics, parity and latency "
+            f"were not measured on this {sys.platform} host; conversion and program checks ran"
+        )
+        row["notes"] = [f"program checks passed: {row['program'].get('summary', 'static checks')}"]
+    except Exception as e:
+        row["status"] = "failed_validation"
+        row["reasons"] = [f"{type(e).__name__}: {e}"]
+    return row
 
 
 def _model_stage_rows(recipe: Recipe) -> list[dict[str, Any]]:
@@ -214,6 +322,9 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
     _add_delta_m(summary["stages"], val_set.resolved_tasks())
     results = Path(ctx.parent_dir) / "results.json"
     summary["targets"] = read_json(results) if results.is_file() else []
+    for r in summary["targets"]:
+        if r.get("status") == "not_run":
+            summary["not_executed"].append(f"{r['target']}: {r.get('not_run_reason') or 'not run on this host'}")
     summary["notes"].append(
         f"Validation split: {len(val_set)} images of {recipe.data.root}; latency at batch 1 with "
         f"{recipe.validate.threads} thread(s), {recipe.validate.warmup} warm-up + {recipe.validate.runs} timed runs."

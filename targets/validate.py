@@ -322,7 +322,9 @@ def validate_runtime(
     latency["input_size"] = list(first_input.shape[-2:])
 
     path = getattr(runtime, "path", None)
-    size_bytes = int(path.stat().st_size) if path is not None and hasattr(path, "stat") else None
+    size_bytes = getattr(runtime, "size_bytes", None)
+    if size_bytes is None and path is not None and hasattr(path, "stat"):
+        size_bytes = int(path.stat().st_size)
     memory: dict[str, Any] = {"process_peak_rss_mb": peak_rss_mb(), "note": "whole validation process"}
     if measure_memory and callable(getattr(runtime, "peak_memory", None)):
         memory.update(runtime.peak_memory(list(lat_input.shape)))

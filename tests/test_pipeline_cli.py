@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,8 @@ def test_unknown_target_exits_2(tmp_path: Path, capsys) -> None:
         "--no-progress",
     ]
     assert main(args) == 2
-    assert "unknown target 'onnx-fp64'; available: ['onnx-fp32'" in _err(capsys)
+    err = _err(capsys)
+    assert "unknown target 'onnx-fp64'; available: [" in err and "'onnx-fp32'" in err and "'tflite-int8'" in err
 
 
 def test_data_synth_rejects_bad_size(tmp_path: Path, capsys) -> None:
@@ -207,8 +209,14 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     code = main(["benchmark", str(runs / "demo"), "--no-progress"])
     out = capsys.readouterr().out
     bench = json.loads((runs / "demo" / "benchmark.json").read_text())
-    assert {r["target"] for r in bench["targets"]} == {"onnx-fp32", "onnx-int8"}
-    assert code == (0 if all(r["status"] == "passed" for r in bench["targets"]) else 1)
+    from edgemt.targets.registry import TARGETS
+
+    statuses = {r["target"]: r["status"] for r in bench["targets"]}
+    assert set(statuses) == set(TARGETS)
+    assert code == (0 if all(s in ("passed", "not_run") for s in statuses.values()) else 1)
+    assert statuses["onnx-fp32"] == statuses["tflite-fp32"] == "passed"
+    if sys.platform != "darwin":  # converted and program-checked, not run
+        assert statuses["coreml-fp16"] == statuses["coreml-pal4"] == "not_run"
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("target"))
     assert "semseg miou" in lines[header] and "median ms" in lines[header]
@@ -277,19 +285,44 @@ def test_frozen_gate_reparam_stage_with_finetune(tmp_path: Path, capsys) -> None
 
 
 @pytest.mark.slow
-def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys) -> None:
-    # dynamic-merge computes conv kernels per image: the int8 target refuses it, fp32 exports fine.
+def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys, monkeypatch) -> None:
+    """dynamic-merge computes conv kernels per image: onnx-fp32 takes it as it is, the static-weight
+    targets get the factorized form (and say why); tflite-fp32's converter is forced to fail."""
+    import edgemt.targets.tflite as tflite
+
+    def broken(*args, **kwargs):
+        raise tflite.TFLiteExportError("forced failure for the test")
+
+    monkeypatch.setattr(tflite, "export_tflite", broken)
     runs = tmp_path / "runs"
+    targets = "export.targets=[onnx-fp32, onnx-int8, tflite-fp32, coreml-fp16]"
     args = [
         "pipeline",
         "demo",
-        *_tiny_demo(tmp_path, 3, "deploy.form=dynamic-merge", "validate.runs=2", "validate.warmup=1"),
+        *_tiny_demo(tmp_path, 3, "deploy.form=dynamic-merge", targets, "validate.runs=2", "validate.warmup=1"),
     ]
     assert main(args) == 1  # a target missed its gate: non-zero for CI
+    out = capsys.readouterr().out
+    assert "[export] tflite-fp32: FAILED (TFLiteExportError: forced failure for the test)" in out
     rows = {r["target"]: r for r in json.loads((runs / "demo" / "validate" / "results.json").read_text())}
     assert rows["onnx-fp32"]["status"] == "passed"
-    assert rows["onnx-fp32"]["deploy_form"] == "dynamic-merge"
-    assert rows["onnx-int8"]["status"] == "export_failed"
-    assert "needs static conv weights" in rows["onnx-int8"]["reasons"][0]
+    assert rows["onnx-fp32"]["deploy_form"] == "dynamic-merge" and "deploy_form_note" not in rows["onnx-fp32"]
+    assert rows["onnx-int8"]["status"] in ("passed", "failed_validation")  # validated, whatever the 2-step model
+    assert rows["onnx-int8"]["deploy_form"] == "factorized"
+    assert "needs static conv weights" in rows["onnx-int8"]["deploy_form_note"]
+    assert rows["tflite-fp32"]["status"] == "export_failed"
+    assert "forced failure" in rows["tflite-fp32"]["reasons"][0]
+    core = rows["coreml-fp16"]
+    assert core["deploy_form"] == "factorized" and core["size_bytes"] > 0
+    if sys.platform != "darwin":
+        assert core["status"] == "not_run", core.get("reasons")
+        assert "needs macOS: numerics, parity and latency were not measured" in core["not_run_reason"]
+        assert core["notes"][0].startswith("program checks passed: input image [1, 3, 64, 64] float32")
+        assert core["program"]["inputs"] == {"image": [1, 3, 64, 64]} and core["program"]["ops"]["conv"] > 0
     md = (runs / "demo" / "report" / "report.md").read_text()
-    assert "| onnx-int8 | export failed |" in md and "needs static conv weights" in md
+    assert "| tflite-fp32 | export failed |" in md and "forced failure" in md
+    assert "| onnx-int8 |" in md and "factorized: onnx-int8 needs static conv weights" in md
+    if sys.platform != "darwin":
+        assert "| coreml-fp16 | exported, not run here | factorized |" in md
+        section = md.split("## What was not executed here", 1)[1]
+        assert "coreml-fp16: Core ML prediction needs macOS" in section

@@ -136,7 +136,8 @@ class LowRankExpertBlock(nn.Module):
         if self.gate_override is not None:
             g = self.gate_override[ti].to(x.dtype).expand(x.shape[0], -1)
             return g[:, :-1], g[:, -1:]
-        logits = self.router[t](x.mean(dim=(2, 3)))
+        # adaptive_avg_pool2d rather than mean((2, 3)): LiteRT's NHWC layout pass rejects a quantized mean over H, W.
+        logits = self.router[t](F.adaptive_avg_pool2d(x, 1).flatten(1))
         gl, mix = logits[:, :-1], logits[:, -1:]
         if self.top_k is not None and self.top_k < self.num_experts:
             kth = gl.topk(self.top_k, dim=1).values[:, -1:]
