@@ -287,7 +287,7 @@ def check_coreml_program(
         f"input image {[int(s) for s in inputs[INPUT_NAME].type.multiArrayType.shape]} float32, "
         f"outputs {', '.join(sorted(outputs))}; {sum(ops.values())} ops of {len(ops)} types, all in the Core ML "
         f"op set of specification {version}"
-        + (f"; compressed weights: {', '.join(f'{n} x{op}' for op, n in compressed.items())}" if compressed else "")
+        + (f"; compressed weights: {', '.join(f'{n} {op} ops' for op, n in compressed.items())}" if compressed else "")
     )
     return {
         "summary": summary,

@@ -16,7 +16,10 @@ Two converter routes, chosen with ``export.tflite_converter`` (or ``route=``):
     non-decomposed softmax fails at run time. Softmax and sigmoid outputs get
     TFLite's fixed int8 parameters (scale 1/256, zero point -128) even where
     the stock quantizer leaves them unannotated (a softmax over a slice, as in
-    the expert routers), otherwise the runtime refuses the graph.
+    the expert routers), otherwise the runtime refuses the graph. A tensor
+    concatenated with a softmax output inherits that fixed [0, 1) range in
+    TFLite (the converter unifies concat scales), so the students' factorized
+    blocks never concatenate their gates with the unbounded mix scalar.
 
 * ``onnx2tf``: the fp32 ONNX export, converted by onnx2tf to a TensorFlow
   SavedModel, then TensorFlow's ``TFLiteConverter`` (fp16 via
@@ -154,7 +157,10 @@ def _int8_quantizer() -> Any:
                     )
             return model
 
-    return _Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    # Stock observers: HistogramObserver for activations (measured on the demo student: 0.10 points of
+    # Delta_m against fp32, MinMax 0.14), per-channel MinMax for weights.
+    cfg = get_symmetric_quantization_config(is_per_channel=True)
+    return _Quantizer().set_global(cfg)
 
 
 def _litert_fp32(named: nn.Module, x: torch.Tensor) -> bytes:

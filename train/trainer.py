@@ -46,6 +46,20 @@ __all__ = ["Trainer", "TrainResult", "multitask_loss", "lr_factor", "DistInfo", 
 LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any], torch.nn.Module], tuple[torch.Tensor, dict[str, float]]]
 
 
+
+def _tensorboard_without_tensorflow() -> None:
+    """Make TensorBoard use its built-in TF stub even when TensorFlow is installed (the TFLite extra).
+
+    TensorBoard imports the real TensorFlow whenever it can (seconds, hundreds of MB, C++ log lines),
+    unless the module ``tensorboard.compat.notf`` exists: its documented switch to the stub, which is
+    all that writing scalars needs.
+    """
+    import sys
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -253,6 +267,7 @@ class Trainer:
             step, history = int(meta["step"]), list(meta.get("history", []))
         writer = None
         if self.dist.is_main:
+            _tensorboard_without_tensorflow()
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out_dir / "tb"))

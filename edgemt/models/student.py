@@ -154,7 +154,7 @@ class LowRankExpertBlock(nn.Module):
             )
         feats = x if isinstance(x, dict) else {t: x for t in self.task_names}
         shared = self.shared_input
-        record = not torch.compiler.is_compiling()
+        record = not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         out, gates_all = {}, []
         if self.form == "training":
             out, gates_all = self._forward_training(feats, shared)
@@ -167,12 +167,15 @@ class LowRankExpertBlock(nn.Module):
             z_shared = self.deploy["down"](feats[self.task_names[0]]) if shared else None
             for t in self.task_names:
                 g, mix = self.route(t, feats[t])
-                gm = torch.cat([g, mix], 1)
-                gates_all.append(gm)
+                if record:
+                    gates_all.append(torch.cat([g, mix], 1))
                 z = z_shared if shared else self.deploy[f"down_{t}"](feats[t])
                 # One scale per down-projection channel: its expert's gate, the mix for the task
-                # expert, 1 for the generic path, 0 for other tasks' task-expert channels.
-                scale = gm @ getattr(self, f"fz_expand_{t}") + getattr(self, f"fz_const_{t}")
+                # expert, 1 for the generic path, 0 for other tasks' task-expert channels. The gates
+                # and the mix are not concatenated: an int8 concat shares one scale between the
+                # softmax gates (fixed to [0, 1) in TFLite) and the unbounded mix, which would clip.
+                expand = getattr(self, f"fz_expand_{t}")
+                scale = g @ expand[:-1] + mix * expand[-1:] + getattr(self, f"fz_const_{t}")
                 out[t] = feats[t] + F.relu(self.deploy[f"up_{t}"](z * scale[:, :, None, None]))
         else:  # frozen-gate
             for t in self.task_names:
