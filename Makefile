@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgemt-installed
-EXTRAS ?= export,tflite,coreml,dev
+EXTRAS ?= export,tflite,coreml,compress,dev
 # The onnx2tf converter route (export.tflite_converter: onnx2tf). onnx2tf pins old TensorFlow/onnx
 # releases in its metadata but works with ours, so it and its small helpers install without deps.
 ONNX2TF := onnx2tf==1.29.24 tf-keras==2.21.0 onnx-graphsurgeon==0.6.1 sne4onnx==2.0.1 sng4onnx==2.0.1

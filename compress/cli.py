@@ -19,6 +19,16 @@ def register(reg) -> None:
     )
     reg.add_stage(
         Stage(
+            "prune",
+            lazy_run("edgemt.compress.stages", "prune_stage"),
+            "prune the student to a MACs or latency budget, distilling between steps",
+            sections=("data", "prune", "distill"),
+            produces_model=True,
+            needs_model=True,
+        )
+    )
+    reg.add_stage(
+        Stage(
             "reparam",
             lazy_run("edgemt.compress.stages", "reparam_stage"),
             "reparameterize the student for deployment (deploy.form) and fold BatchNorm",
@@ -29,6 +39,9 @@ def register(reg) -> None:
     )
     reg.add_command(
         stage_command("distill", "student", "train the recipe's student distilled from its teacher (resumable)")
+    )
+    reg.add_command(
+        stage_command("prune", "prune", "prune the student to prune.macs_ratio / macs / latency_ms (Torch-Pruning)")
     )
     reg.add_command(
         stage_command("reparam", "reparam", "reparameterize the trained student to deploy.form and fold BatchNorm")

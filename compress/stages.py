@@ -3,6 +3,9 @@
 * ``student``: train the recipe's student, distilled from the teacher stage's
   model (``distill.teacher: false`` trains it on ground truth only, the
   control of the distillation benchmark).
+* ``prune``: structured pruning of the student to ``prune``'s MACs or
+  latency budget (Torch-Pruning), distillation fine-tuning between steps and
+  after, evaluation.
 * ``reparam``: reparameterize the student for deployment (``deploy.form``),
   fold BatchNorm, check the exact forms against the trained model, evaluate.
 """
@@ -17,13 +20,13 @@ import torch
 from edgemt.data import build_dataset
 from edgemt.errors import ConfigError, UserError
 from edgemt.evaluate import evaluate, metric_options, pad_collate
-from edgemt.io import read_manifest
+from edgemt.io import read_manifest, write_json
 from edgemt.models import create_model, load_model, save_model
 from edgemt.models.profile import count_macs, count_params
 from edgemt.pipeline import StageContext
 from edgemt.tasks import resolve_tasks
 
-__all__ = ["distill_stage", "reparam_stage", "find_teacher"]
+__all__ = ["distill_stage", "prune_stage", "reparam_stage", "find_teacher"]
 
 EXACT_FORMS = ("training", "dynamic-merge", "factorized")
 
@@ -170,3 +173,139 @@ def _finetune_frozen(ctx: StageContext, model, tasks) -> dict[str, Any]:
     ).fit(resume=True)
     model.cpu().eval()
     return {"steps": result.steps, "time_s": round(result.wall_s, 1), "distilled": teacher_dir is not None}
+
+
+def _distill_finetune(
+    ctx: StageContext, model, tasks, steps: int, lr: float, out_dir: Path, seed: int
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` steps, distilled from the run's teacher when there is one."""
+    import dataclasses
+
+    from edgemt.compress.distill import Distiller, distillation_loss
+    from edgemt.train.trainer import Trainer
+
+    r = ctx.recipe
+    tcfg = dataclasses.replace(
+        r.distill.train,
+        steps=steps,
+        lr=lr,
+        warmup_steps=0,
+        eval_every=0,
+        checkpoint_every=steps,
+        time_budget_minutes=0.0,
+        seed=seed,
+    )
+    train_set = build_dataset(r.data, "train", train=True, seed=seed)
+    teacher_dir = find_teacher(ctx) if r.distill.teacher else None
+    net, loss_fn = model, None
+    if teacher_dir is not None:
+        net = Distiller(model, load_model(teacher_dir).eval(), r.distill)
+        loss_fn = distillation_loss(tasks, r.distill, tcfg.loss_weights, tcfg.edge_pos_weight)
+    result = Trainer(net, tasks, train_set, out_dir, tcfg, loss_fn=loss_fn, progress=ctx.progress).fit(resume=True)
+    model.cpu().eval()
+    return {"steps": result.steps, "time_s": round(result.wall_s, 1), "distilled": teacher_dir is not None}
+
+
+def _onnx_latency_fn(ctx: StageContext, size: tuple[int, int]):
+    """Latency of a model exported to ``prune.latency_target`` and run by ONNX Runtime (median ms)."""
+    import tempfile
+
+    import numpy as np
+
+    from edgemt.targets.latency import measure_latency
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.runtime import OnnxRuntimeModel
+
+    r = ctx.recipe
+    calibration = None
+    if r.prune.latency_target == "onnx-int8":
+        from edgemt.targets.stages import _calibration_images
+
+        calibration = _calibration_images(r, size)[:16]
+
+    def latency(model) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(model, Path(tmp) / "m.onnx", input_size=size)
+            if calibration is not None:
+                from edgemt.targets.onnx_int8 import quantize_onnx_int8
+
+                path = quantize_onnx_int8(path, Path(tmp) / "q.onnx", calibration)
+            rt = OnnxRuntimeModel(path, threads=r.validate.threads)
+            x = np.zeros((1, 3, *size), dtype=np.float32)
+            return measure_latency(lambda: rt.run(x), warmup=5, runs=max(10, r.validate.runs))["median_ms"]
+
+    return latency
+
+
+def prune_stage(ctx: StageContext) -> dict[str, Any]:
+    from edgemt.compress.prune import prune_to_budget
+    from edgemt.targets.stages import eval_input_size
+
+    r = ctx.recipe
+    cfg = r.prune
+    model = load_model(ctx.parent_dir).eval()
+    if getattr(model, "deploy_record", None):
+        raise ConfigError(
+            f"prune needs the trained model in its training form; {ctx.parent_dir} is reparameterized "
+            "(put 'prune' before 'reparam' in the pipeline)"
+        )
+    tasks = model.tasks
+    val_set = build_dataset(r.data, "val", train=False)
+    size = tuple(r.data.crop)
+    params_before = count_params(model)
+    latency_fn = _onnx_latency_fn(ctx, eval_input_size(r, val_set)) if cfg.latency_ms is not None else None
+    rounds: list[dict[str, Any]] = []
+
+    def finetune(m, i: int) -> None:
+        rounds.append(
+            _distill_finetune(
+                ctx, m, tasks, cfg.finetune_steps, cfg.finetune_lr, ctx.stage_dir / f"finetune_{i}", seed=100 + i
+            )
+        )
+
+    record = prune_to_budget(
+        model,
+        input_size=size,
+        macs_ratio=cfg.macs_ratio,
+        macs=cfg.macs,
+        latency_ms=cfg.latency_ms,
+        latency_fn=latency_fn,
+        max_steps=cfg.max_steps,
+        max_ratio=cfg.max_ratio,
+        round_to=cfg.round_to,
+        rank_round=cfg.rank_round,
+        measure_every=cfg.measure_every,
+        finetune=finetune if cfg.finetune_every > 0 else None,
+        finetune_every=cfg.finetune_every,
+        progress=ctx.progress,
+    )
+    if not record["met"]:
+        raise ConfigError(
+            f"prune: the budget {record['budget']} was not met after {record['steps']} steps "
+            f"(MACs ratio {record['macs_ratio']}, latency {record['latency_ms']} ms); raise prune.max_ratio or "
+            "prune.max_steps, or relax the budget"
+        )
+    final = None
+    if cfg.final_finetune_steps > 0:
+        final = _distill_finetune(
+            ctx, model, tasks, cfg.final_finetune_steps, cfg.finetune_lr, ctx.stage_dir / "finetune_final", seed=99
+        )
+    save_model(ctx.stage_dir, model)
+    write_json(ctx.stage_dir / "prune_history.json", record["history"])
+    metrics = evaluate(model, val_set, tasks, metric_options=metric_options(r), progress=ctx.progress)
+    print(
+        f"[prune] MACs {record['macs_before']:,} -> {record['macs_after']:,} ({record['macs_ratio']:.3f}x) in "
+        f"{record['steps']} steps; expert block widths {[w['channels'] for w in record['widths_after']]}"
+    )
+    return {
+        "model": f"{model.registry_name} (pruned)",
+        "params_before": params_before,
+        "params": count_params(model),
+        "macs": count_macs(model, size),
+        "macs_input": list(size),
+        "train_time_s": round(sum(x["time_s"] for x in rounds) + (final["time_s"] if final else 0.0), 1),
+        "prune": {k: v for k, v in record.items() if k != "history"},
+        "finetune_rounds": rounds,
+        "final_finetune": final,
+        "metrics": metrics,
+    }

@@ -136,6 +136,25 @@ class DeployConfig:
 
 
 @dataclasses.dataclass
+class PruneConfig:
+    """Structured pruning of the student (the ``prune`` stage). Exactly one budget may be set."""
+
+    macs_ratio: float | None = 0.5  # keep at most this fraction of the student's MACs
+    macs: int | None = None  # or: at most this many MACs (at data.crop)
+    latency_ms: float | None = None  # or: until the model measures at most this on latency_target
+    latency_target: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"  # ONNX Runtime, validate.threads threads
+    max_steps: int = 100  # pruning schedule: step i removes up to max_ratio * i / max_steps of the channels
+    max_ratio: float = 0.9
+    round_to: int = 8  # widths round to multiples of this
+    rank_round: int = 2  # low-rank expert ranks round to multiples of this
+    measure_every: int = 5  # latency budget: pruning steps between measurements
+    finetune_every: int = 0  # pruning steps between distillation fine-tunes (0: only once, at the end)
+    finetune_steps: int = 100  # training steps of each fine-tune during pruning
+    final_finetune_steps: int = 600  # distillation fine-tune after the budget is met
+    finetune_lr: float = 1.0e-3
+
+
+@dataclasses.dataclass
 class ParityThresholds:
     """Per-precision agreement between an exported artifact and its PyTorch model."""
 
@@ -218,6 +237,7 @@ class Recipe:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     student: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig("student-xs"))
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     deploy: DeployConfig = dataclasses.field(default_factory=DeployConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)

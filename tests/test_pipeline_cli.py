@@ -18,6 +18,7 @@ VERBS = [
     "models",
     "train",
     "distill",
+    "prune",
     "reparam",
     "export",
     "validate",
@@ -326,3 +327,43 @@ def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys
         assert "| coreml-fp16 | exported, not run here | factorized |" in md
         section = md.split("## What was not executed here", 1)[1]
         assert "coreml-fp16: Core ML prediction needs macOS" in section
+
+
+def test_prune_stage_between_student_and_reparam(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    args = [
+        "pipeline",
+        "demo",
+        *_tiny_demo(
+            tmp_path,
+            4,
+            "pipeline=[data, teacher, student, prune, reparam, export, validate, report]",
+            "export.targets=[onnx-fp32]",
+            "prune.macs_ratio=0.6",
+            "prune.finetune_every=5",
+            "prune.finetune_steps=2",
+            "prune.final_finetune_steps=2",
+            "validate.runs=2",
+            "validate.warmup=1",
+        ),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[prune] MACs" in out
+    run = runs / "demo"
+    prune = json.loads((run / "prune" / "manifest.json").read_text())
+    student = json.loads((run / "student" / "manifest.json").read_text())
+    assert 0.95 * 0.6 <= prune["macs"] / student["macs"] <= 0.6
+    assert prune["prune"]["met"] and prune["finetune_rounds"] and prune["final_finetune"]["distilled"]
+    assert prune["model"] == "student-xs (pruned)" and "semseg" in prune["metrics"]
+    assert json.loads((run / "prune" / "arch.json").read_text())["pruned"]
+    # The reparam stage works on the pruned model, exactly, and the export follows it.
+    reparam = json.loads((run / "reparam" / "manifest.json").read_text())
+    assert reparam["parent"]["stage"] == "prune" and reparam["max_abs_diff_vs_source"] < 1e-3
+    summary = json.loads((run / "report" / "report.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "prune", "reparam"]
+    assert summary["targets"][0]["status"] == "passed"
+    # A budget that cannot be met is a clear error naming the knobs.
+    bad = [*args, "--set", "prune.max_ratio=0.05", "--set", "prune.max_steps=2"]
+    assert main(bad) == 2
+    assert "was not met after 2 steps" in _err(capsys)

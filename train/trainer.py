@@ -46,7 +46,6 @@ __all__ = ["Trainer", "TrainResult", "multitask_loss", "lr_factor", "DistInfo", 
 LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any], torch.nn.Module], tuple[torch.Tensor, dict[str, float]]]
 
 
-
 def _tensorboard_without_tensorflow() -> None:
     """Make TensorBoard use its built-in TF stub even when TensorFlow is installed (the TFLite extra).
 

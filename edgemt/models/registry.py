@@ -54,6 +54,9 @@ class MultiTaskModel(nn.Module):
             "tasks": [{"name": t.name, "channels": t.channels} for t in self.tasks],
             "kwargs": dict(self.registry_kwargs),
         }
+        pruned = getattr(self, "pruned_shapes", None)
+        if pruned:
+            out["pruned"] = {k: dict(v) for k, v in pruned.items()}
         deploy = getattr(self, "deploy_record", None)
         if deploy:
             out["deploy"] = dict(deploy)
@@ -103,12 +106,20 @@ def create_model(name: str, *, tasks: Sequence[Task], **kwargs: Any) -> MultiTas
 def model_from_arch(arch: Mapping[str, Any]) -> MultiTaskModel:
     """Rebuild the model's structure from ``arch.json`` (weights are loaded separately).
 
-    A reparameterized model (``deploy``: its form and the folded conv/BN pairs)
-    gets the same structural changes replayed, so its weights load strictly.
+    A structurally pruned model (``pruned``: the sizes of the layers that
+    changed) is resized, and a reparameterized model (``deploy``: its form and
+    the folded conv/BN pairs) gets the same structural changes replayed, in
+    that order, so its weights load strictly.
     """
     try:
         tasks = [get_task(t["name"]).with_channels(t["channels"]) for t in arch["tasks"]]
         model = create_model(arch["name"], tasks=tasks, **arch.get("kwargs", {}))
+        pruned = arch.get("pruned")
+        if pruned:
+            from edgemt.models.shapes import apply_shapes
+
+            apply_shapes(model, pruned)
+            model.pruned_shapes = {k: dict(v) for k, v in pruned.items()}
         deploy = arch.get("deploy")
         if deploy:
             _replay_deploy(model, deploy)

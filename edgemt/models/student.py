@@ -245,8 +245,7 @@ class LowRankExpertBlock(nn.Module):
             raise ConfigError(f"block is already reparameterized to {self.form!r}; rebuild the model to change form")
         if form != "training" and self.training:
             raise ConfigError(f"form {form!r} folds BatchNorm running statistics: call model.eval() first")
-        self._task_rank = self.task_down[self.task_names[0]].out_channels
-        self._generic_rank = self.generic_down.out_channels
+        self.sync_shapes()  # the modules' sizes rule (structured pruning may have shrunk them)
         k = self.k
         if form == "dynamic-merge":
             # Merged kernels are buffers of the artifact: the composed experts (shared by the
@@ -265,15 +264,18 @@ class LowRankExpertBlock(nn.Module):
             # one conv serves every task (all tasks' task-expert channels in the middle).
             downs = [d.weight for d in self.down]
             ups = [u.weight for u in self.up]
-            re, rt, rg = sum(self.ranks), self._task_rank, self._generic_rank
-            n_task = len(self.task_names) if self.shared_input else 1
-            total = re + n_task * rt + rg
+            # Task experts may have different ranks after pruning.
+            rts = [self.task_down[t].out_channels for t in self.task_names]
+            re, rg = sum(self.ranks), self.generic_down.out_channels
+            total = re + (sum(rts) if self.shared_input else 0) + rg
             if self.shared_input:
                 task_downs = [self.task_down[t].weight for t in self.task_names]
                 self.deploy["down"] = self._conv(torch.cat(downs + task_downs + [self.generic_down.weight]), None, k)
             for ti, t in enumerate(self.task_names):
-                slot = ti if self.shared_input else 0
-                t0 = re + slot * rt  # this task's task-expert channels
+                rt = rts[ti]
+                if not self.shared_input:
+                    total = re + rt + rg
+                t0 = re + (sum(rts[:ti]) if self.shared_input else 0)  # this task's task-expert channels
                 expand = torch.zeros(self.num_experts + 1, total)
                 offs = 0
                 for i, r in enumerate(self.ranks):
@@ -309,6 +311,11 @@ class LowRankExpertBlock(nn.Module):
                 self.deploy[f"conv_{t}"] = self._conv(kernel * scale[:, None, None, None], bias, k)
             self._drop_training_modules(keep_router=False)
         self.form = form
+
+    def sync_shapes(self) -> None:
+        """Refresh the width and rank attributes from the modules (after structured pruning)."""
+        self.channels = self.generic_up.out_channels
+        self.ranks = [d.out_channels for d in self.down]
 
     @staticmethod
     def _conv(weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> nn.Conv2d:

@@ -1,0 +1,272 @@
+"""Structured pruning of a multi-task model to a MACs or measured-latency budget (Torch-Pruning).
+
+:func:`prune_to_budget` removes whole channels with Torch-Pruning's
+``MetaPruner``: global ranking (one threshold across all layers) of a group
+importance (L2 magnitude of every weight a channel touches, summed over its
+dependency group), in many small iterative steps, until the budget is met:
+
+* ``macs_ratio`` (keep this fraction of the model's MACs) or ``macs``
+  (absolute): counted after every step, so the result lands just under the
+  budget (steps are small: ``max_ratio / max_steps`` of the channels each);
+* ``latency_ms``: ``latency_fn(model)`` measures the model on a local target
+  (e.g. ONNX Runtime, 1 thread) every ``measure_every`` steps; pruning stops at
+  the first measurement under the budget.
+
+``finetune(model, round)`` is called every ``finetune_every`` steps (the
+pipeline stage distils from the teacher there), so the network recovers
+between steps instead of all at once at the end.
+
+What is kept and what shrinks:
+
+* every task head's output conv and every router's linear layer keep their
+  outputs (the tasks' channels and the E+1 gate logits); their inputs shrink
+  with the features they read;
+* widths (backbone, neck, decoder) round to multiples of ``round_to`` (8 by
+  default: what int8 and SIMD kernels like); the low-rank experts' ranks (the
+  down-projection outputs, 4 to 8 channels) round to ``rank_round`` (2), and
+  every layer keeps at least one step of channels, so no expert disappears.
+
+The gate coupling trap: an expert block multiplies each expert's output
+(B, C, H, W) by its gate (B, 1, 1, 1), a slice of the router's softmax.
+Traced as is, the dependency graph ties the router's output channels to the
+feature channels through that multiply. During tracing the gates are
+detached and returned as extra outputs instead: the routers stay in the
+graph (their input channels follow the features) without coupling, and their
+outputs are ignored layers. A test checks that the blocks' widths and ranks
+do shrink.
+
+The pruned sizes are recorded on the model (``model.pruned_shapes``), so
+``save_model`` writes them to ``arch.json`` and ``load_model`` rebuilds the
+pruned model from the registry constructor plus the record, without pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgemt.errors import ConfigError
+from edgemt.models.profile import count_macs
+from edgemt.models.shapes import layer_shapes, shape_diff
+
+__all__ = ["prune_to_budget", "ignored_layers", "expert_widths"]
+
+
+def _expert_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "route") and hasattr(m, "down")]
+
+
+def ignored_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose outputs are kept: each head's last conv, every router's linear layers."""
+    keep: list[nn.Module] = []
+    heads = getattr(model, "heads", None)
+    if isinstance(heads, nn.ModuleDict):
+        for head in heads.values():
+            convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+            if convs:
+                keep.append(convs[-1])
+    for blk in _expert_blocks(model):
+        keep.extend(m for m in blk.router.modules() if isinstance(m, nn.Linear))
+    return keep
+
+
+def expert_widths(model: nn.Module) -> list[dict[str, Any]]:
+    """Per expert block: width, shared-expert ranks, task-expert ranks, generic rank."""
+    out = []
+    for blk in _expert_blocks(model):
+        out.append(
+            {
+                "channels": int(blk.generic_up.out_channels),
+                "expert_ranks": [int(d.out_channels) for d in blk.down],
+                "task_ranks": {t: int(c.out_channels) for t, c in blk.task_down.items()},
+                "generic_rank": int(blk.generic_down.out_channels),
+            }
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _detached_gates(model: nn.Module, sink: list[torch.Tensor]) -> Iterator[None]:
+    """While tracing: routers return detached gates and append the live ones to ``sink``."""
+    blocks = _expert_blocks(model)
+    for blk in blocks:
+        original = type(blk).route
+
+        def route(self, t, x, _original=original):
+            g, mix = _original(self, t, x)
+            sink.extend((g, mix))
+            return g.detach(), mix.detach()
+
+        blk.route = types.MethodType(route, blk)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            del blk.route
+
+
+def _pruner_class():
+    import torch_pruning as tp
+
+    class _Pruner(tp.pruner.MetaPruner):
+        """MetaPruner whose rounding keeps low-rank layers (below two width steps) at ``rank_round``."""
+
+        rank_round = 2
+
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            step = round_to if current_channels >= 2 * round_to else self.rank_round
+            keep = current_channels - n_pruned
+            keep = max(step, keep - keep % step)
+            return max(current_channels - keep, 0)
+
+    return _Pruner
+
+
+def prune_to_budget(
+    model: nn.Module,
+    *,
+    input_size: tuple[int, int],
+    macs_ratio: float | None = None,
+    macs: int | None = None,
+    latency_ms: float | None = None,
+    latency_fn: Callable[[nn.Module], float] | None = None,
+    max_steps: int = 100,
+    max_ratio: float = 0.9,
+    round_to: int = 8,
+    rank_round: int = 2,
+    measure_every: int = 5,
+    finetune: Callable[[nn.Module, int], Any] | None = None,
+    finetune_every: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Prune ``model`` in place until it meets exactly one budget; returns what happened.
+
+    Args:
+        input_size: ``(H, W)`` of the example input (MACs are counted at this size).
+        macs_ratio: keep at most this fraction of the current MACs (0 < r < 1).
+        macs: keep at most this many MACs.
+        latency_ms: stop when ``latency_fn(model)`` is at most this.
+        max_steps, max_ratio: the pruning schedule: step i removes up to
+            ``max_ratio * i / max_steps`` of the prunable channels (global ranking).
+        finetune: called as ``finetune(model, round)`` every ``finetune_every`` steps.
+
+    Returns:
+        ``{"budget", "met", "steps", "macs_before", "macs_after", "macs_ratio", "latency_ms" (if measured),
+        "history", "widths_before", "widths_after", "pruned_layers", "wall_s"}``.
+
+    Raises:
+        ConfigError: no budget, more than one, or an impossible value.
+    """
+    import torch_pruning as tp
+
+    given = [k for k, v in (("macs_ratio", macs_ratio), ("macs", macs), ("latency_ms", latency_ms)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"prune: give exactly one budget of macs_ratio, macs, latency_ms (got {given or 'none'})")
+    if macs_ratio is not None and not 0.0 < macs_ratio < 1.0:
+        raise ConfigError(f"prune.macs_ratio must be in (0, 1), got {macs_ratio}")
+    if latency_ms is not None and (latency_fn is None or latency_ms <= 0):
+        raise ConfigError("prune.latency_ms needs a positive budget and a latency_fn (a local target to measure on)")
+    if not 0.0 < max_ratio < 1.0 or max_steps < 1:
+        raise ConfigError(f"prune: max_ratio must be in (0, 1) and max_steps >= 1 (got {max_ratio}, {max_steps})")
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.randn(1, 3, *input_size, device=device)
+    macs_before = count_macs(model, input_size)
+    target_macs = int(macs_before * macs_ratio) if macs_ratio is not None else int(macs) if macs is not None else None
+    if target_macs is not None and target_macs >= macs_before:
+        raise ConfigError(f"prune: the model already has {macs_before:,} MACs <= the budget {target_macs:,}")
+    shapes_before = layer_shapes(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    widths_before = expert_widths(model)
+    names = [t.name for t in getattr(model, "tasks", [])]
+
+    gates: list[torch.Tensor] = []
+
+    def forward_fn(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        gates.clear()
+        out = m(x)
+        outs = [out[n] for n in names] if isinstance(out, dict) and names else list(out.values())
+        return outs + list(gates)
+
+    pruner_cls = _pruner_class()
+    pruner_cls.rank_round = int(rank_round)
+    with _detached_gates(model, gates):
+        pruner = pruner_cls(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True,
+            pruning_ratio=max_ratio,
+            iterative_steps=max_steps,
+            ignored_layers=ignored_layers(model),
+            round_to=round_to,
+            forward_fn=forward_fn,
+        )
+    history: list[dict[str, Any]] = []
+    latency = latency_fn(model) if latency_fn is not None and latency_ms is not None else None
+    history.append({"step": 0, "macs": macs_before, "latency_ms": latency})
+    met = latency is not None and latency <= latency_ms
+    steps = 0
+    rounds = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps, desc="prune", dynamic_ncols=True)
+    while not met and steps < max_steps:
+        with _detached_gates(model, gates):
+            pruner.step()
+        steps += 1
+        for blk in _expert_blocks(model):
+            blk.sync_shapes()
+        now = count_macs(model, input_size)
+        entry: dict[str, Any] = {"step": steps, "macs": now}
+        if target_macs is not None:
+            met = now <= target_macs
+        elif steps % measure_every == 0 or steps == max_steps:
+            entry["latency_ms"] = latency = latency_fn(model)
+            met = latency <= latency_ms
+        history.append(entry)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(macs=f"{now / macs_before:.3f}", **({"ms": f"{latency:.2f}"} if latency else {}))
+        if finetune is not None and finetune_every > 0 and steps % finetune_every == 0 and not met:
+            finetune(model, rounds)
+            rounds += 1
+            model.eval()
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    after = count_macs(model, input_size)
+    diff = shape_diff(shapes_before, layer_shapes(model))
+    model.pruned_shapes = {**(getattr(model, "pruned_shapes", None) or {}), **diff}
+    budget: dict[str, Any] = {
+        k: v for k, v in (("macs_ratio", macs_ratio), ("macs", macs), ("latency_ms", latency_ms)) if v is not None
+    }
+    if target_macs is not None:
+        budget["target_macs"] = target_macs
+    return {
+        "budget": budget,
+        "met": bool(met),
+        "steps": steps,
+        "finetune_rounds": rounds,
+        "macs_before": int(macs_before),
+        "macs_after": int(after),
+        "macs_ratio": round(after / macs_before, 4),
+        "latency_ms": latency,
+        "history": history,
+        "widths_before": widths_before,
+        "widths_after": expert_widths(model),
+        "pruned_layers": len(diff),
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }

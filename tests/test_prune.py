@@ -1,0 +1,138 @@
+"""Structured pruning (Torch-Pruning) of students to MACs and latency budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torch_pruning")
+
+from edgemt.compress.prune import expert_widths, ignored_layers, prune_to_budget  # noqa: E402
+from edgemt.errors import ConfigError  # noqa: E402
+from edgemt.models import create_model, load_model, save_model  # noqa: E402
+from edgemt.models.profile import count_macs  # noqa: E402
+from edgemt.tasks import resolve_tasks  # noqa: E402
+
+SIZE = (64, 96)
+
+
+def _tasks():
+    return resolve_tasks(["semseg", "depth", "normals", "edge"], {"semseg": 7})
+
+
+def _student(name: str = "student-xs"):
+    torch.manual_seed(0)
+    return create_model(name, tasks=_tasks()).eval()
+
+
+def _shapes(out):
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name,ratio", [("student-xs", 0.5), ("student-s", 0.6), ("baseline-s", 0.5)])
+def test_macs_budget_is_met_within_5_percent_and_outputs_keep_their_shapes(name, ratio):
+    model = _student(name)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        before = _shapes(model(x))
+    base = count_macs(model, SIZE)
+    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=ratio)
+    after = count_macs(model, SIZE)
+    assert rec["met"] and rec["macs_after"] == after and rec["macs_before"] == base
+    assert 0.95 * ratio * base <= after <= ratio * base
+    with torch.no_grad():
+        assert _shapes(model(x)) == before
+    assert rec["params_after"] < rec["params_before"]
+
+
+def test_absolute_macs_budget():
+    model = _student()
+    budget = int(0.7 * count_macs(model, SIZE))
+    rec = prune_to_budget(model, input_size=SIZE, macs=budget)
+    assert 0.95 * budget <= count_macs(model, SIZE) <= budget and rec["budget"]["macs"] == budget
+
+
+def test_expert_blocks_shrink_despite_the_gate_coupling():
+    model = _student("student-s")
+    before = expert_widths(model)
+    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=0.5)
+    after = expert_widths(model)
+    assert rec["widths_before"] == before and rec["widths_after"] == after
+    for b, a in zip(before, after):
+        assert a["channels"] < b["channels"] and a["channels"] % 8 == 0
+        assert sum(a["expert_ranks"]) < sum(b["expert_ranks"])
+        assert all(r >= 2 and r % 2 == 0 for r in a["expert_ranks"])  # no expert vanishes
+        assert sum(a["task_ranks"].values()) < sum(b["task_ranks"].values())
+    # Kept: the gate logits (E + 1 per router) and every head's output channels.
+    for blk in model.blocks:
+        assert all(lin.out_features == blk.num_experts + 1 for lin in blk.router.values())
+        assert all(lin.in_features == blk.generic_up.out_channels for lin in blk.router.values())
+    for t in _tasks():
+        assert model.heads[t.name][1].out_channels == t.channels
+    assert all(m in ignored_layers(model) for m in model.blocks[0].router.values())
+
+
+def test_pruned_model_saved_and_rebuilt_gives_identical_outputs(tmp_path):
+    model = _student()
+    prune_to_budget(model, input_size=SIZE, macs_ratio=0.5)
+    assert model.pruned_shapes and model.arch()["pruned"] == model.pruned_shapes
+    save_model(tmp_path, model)
+    rebuilt = load_model(tmp_path).eval()
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        a, b = model(x), rebuilt(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert expert_widths(rebuilt) == expert_widths(model)
+    # The pruned model still reparameterizes exactly (per-task ranks may differ after pruning).
+    from edgemt.compress.reparam import reparameterize
+
+    reparameterize(rebuilt, "factorized", input_size=SIZE)
+    with torch.no_grad():
+        c = rebuilt(x)
+    assert all(torch.allclose(a[k], c[k], atol=1e-4, rtol=1e-4) for k in a)
+    save_model(tmp_path / "fz", rebuilt)
+    again = load_model(tmp_path / "fz").eval()
+    with torch.no_grad():
+        d = again(x)
+    assert all(torch.equal(c[k], d[k]) for k in a)
+
+
+def test_latency_budget_stops_at_the_first_measurement_under_it():
+    model = _student()
+    base = count_macs(model, SIZE)
+    calls = []
+
+    def fake_latency(m) -> float:  # proportional to MACs: 10 ms for the unpruned model
+        ms = 10.0 * count_macs(m, SIZE) / base
+        calls.append(ms)
+        return ms
+
+    rec = prune_to_budget(model, input_size=SIZE, latency_ms=6.0, latency_fn=fake_latency, measure_every=3)
+    assert rec["met"] and rec["latency_ms"] <= 6.0 == rec["budget"]["latency_ms"]
+    assert calls[-1] <= 6.0 < min(calls[:-1])  # every earlier measurement was over the budget
+    measured = [h for h in rec["history"] if h.get("latency_ms") is not None]
+    assert [h["step"] % 3 for h in measured[1:]] == [0] * (len(measured) - 1)
+
+
+def test_finetune_runs_between_steps():
+    model = _student()
+    seen = []
+    rec = prune_to_budget(
+        model, input_size=SIZE, macs_ratio=0.5, finetune=lambda m, i: seen.append((i, m.training)), finetune_every=4
+    )
+    assert rec["finetune_rounds"] == len(seen) > 0 and [i for i, _ in seen] == list(range(len(seen)))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({}, "exactly one budget"),
+        ({"macs_ratio": 0.5, "macs": 10}, "exactly one budget"),
+        ({"macs_ratio": 1.5}, r"must be in \(0, 1\)"),
+        ({"latency_ms": 3.0}, "needs a positive budget and a latency_fn"),
+        ({"macs": 10**12}, "already has"),
+    ],
+)
+def test_bad_budgets_are_clear_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        prune_to_budget(_student(), input_size=SIZE, **kw)
