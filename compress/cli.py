@@ -37,11 +37,24 @@ def register(reg) -> None:
             needs_model=True,
         )
     )
+    reg.add_stage(
+        Stage(
+            "qat",
+            lazy_run("edgemt.compress.stages", "qat_stage"),
+            "int8 quantization-aware training of the reparameterized student (torchao pt2e), distilled",
+            sections=("data", "qat", "distill", "deploy"),
+            produces_model=True,
+            needs_model=True,
+        )
+    )
     reg.add_command(
         stage_command("distill", "student", "train the recipe's student distilled from its teacher (resumable)")
     )
     reg.add_command(
         stage_command("prune", "prune", "prune the student to prune.macs_ratio / macs / latency_ms (Torch-Pruning)")
+    )
+    reg.add_command(
+        stage_command("qat", "qat", "int8 quantization-aware training of the reparameterized student (distilled)")
     )
     reg.add_command(
         stage_command("reparam", "reparam", "reparameterize the trained student to deploy.form and fold BatchNorm")

@@ -8,6 +8,8 @@
   after, evaluation.
 * ``reparam``: reparameterize the student for deployment (``deploy.form``),
   fold BatchNorm, check the exact forms against the trained model, evaluate.
+* ``qat``: int8 quantization-aware training of the reparameterized student
+  (torchao pt2e), distilled from the teacher; the int8 targets consume it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from edgemt.models.profile import count_macs, count_params
 from edgemt.pipeline import StageContext
 from edgemt.tasks import resolve_tasks
 
-__all__ = ["distill_stage", "prune_stage", "reparam_stage", "find_teacher"]
+__all__ = ["distill_stage", "prune_stage", "reparam_stage", "qat_stage", "find_teacher"]
 
 EXACT_FORMS = ("training", "dynamic-merge", "factorized")
 
@@ -176,7 +178,7 @@ def _finetune_frozen(ctx: StageContext, model, tasks) -> dict[str, Any]:
 
 
 def _distill_finetune(
-    ctx: StageContext, model, tasks, steps: int, lr: float, out_dir: Path, seed: int
+    ctx: StageContext, model, tasks, steps: int, lr: float, out_dir: Path, seed: int, distill_cfg=None
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps, distilled from the run's teacher when there is one."""
     import dataclasses
@@ -195,12 +197,13 @@ def _distill_finetune(
         time_budget_minutes=0.0,
         seed=seed,
     )
+    dcfg = distill_cfg or r.distill
     train_set = build_dataset(r.data, "train", train=True, seed=seed)
     teacher_dir = find_teacher(ctx) if r.distill.teacher else None
     net, loss_fn = model, None
     if teacher_dir is not None:
-        net = Distiller(model, load_model(teacher_dir).eval(), r.distill)
-        loss_fn = distillation_loss(tasks, r.distill, tcfg.loss_weights, tcfg.edge_pos_weight)
+        net = Distiller(model, load_model(teacher_dir).eval(), dcfg)
+        loss_fn = distillation_loss(tasks, dcfg, tcfg.loss_weights, tcfg.edge_pos_weight)
     result = Trainer(net, tasks, train_set, out_dir, tcfg, loss_fn=loss_fn, progress=ctx.progress).fit(resume=True)
     model.cpu().eval()
     return {"steps": result.steps, "time_s": round(result.wall_s, 1), "distilled": teacher_dir is not None}
@@ -307,5 +310,52 @@ def prune_stage(ctx: StageContext) -> dict[str, Any]:
         "prune": {k: v for k, v in record.items() if k != "history"},
         "finetune_rounds": rounds,
         "final_finetune": final,
+        "metrics": metrics,
+    }
+
+
+def qat_stage(ctx: StageContext) -> dict[str, Any]:
+    import dataclasses
+
+    from edgemt.compress.qat import QAT_SCHEME, QATModel, save_qat
+    from edgemt.compress.reparam import reparameterize
+
+    r = ctx.recipe
+    model = load_model(ctx.parent_dir).eval()
+    tasks = model.tasks
+    form = (getattr(model, "deploy_record", None) or {}).get("form")
+    if form == "dynamic-merge":
+        raise ConfigError(
+            "qat: the dynamic-merge form computes conv kernels per image and cannot be int8; "
+            "set deploy.form to factorized or frozen-gate"
+        )
+    size = tuple(r.data.crop)
+    if size[0] % 32 or size[1] % 32:
+        raise ConfigError(f"qat: data.crop {list(size)} must be multiples of 32 (the exported graph's strides)")
+    folded = form is not None
+    if not folded:  # BatchNorm is folded before quantizing, and the deploy form fixes the graph that is trained
+        static = r.deploy.form if r.deploy.form != "dynamic-merge" else "factorized"
+        reparameterize(model, static, input_size=size, fold_bn=True)
+    val_set = build_dataset(r.data, "val", train=False)
+    opts = metric_options(r)
+    float_metrics = evaluate(model, val_set, tasks, metric_options=opts, progress=ctx.progress)
+    qat = QATModel(model, size)
+    before = evaluate(qat, val_set, tasks, metric_options=opts, progress=ctx.progress)  # fake-quant, untrained
+    # Output distillation only: the feature adapters read the heads' inputs, which a traced graph hides.
+    dcfg = dataclasses.replace(r.distill, feature_weight=0.0)
+    ft = _distill_finetune(ctx, qat, tasks, r.qat.steps, r.qat.lr, ctx.stage_dir / "train", seed=7, distill_cfg=dcfg)
+    qat.eval()
+    qat.freeze_observers()
+    metrics = evaluate(qat, val_set, tasks, metric_options=opts, progress=ctx.progress)
+    save_qat(ctx.stage_dir, model, qat, extra={"source": str(ctx.parent_dir)})
+    return {
+        "model": f"{model.registry_name} (int8 QAT)",
+        "params": count_params(model),
+        "macs": count_macs(model, size),
+        "macs_input": list(size),
+        "train_time_s": ft["time_s"],
+        "qat": {**QAT_SCHEME, "steps": ft["steps"], "distilled": ft["distilled"], "bn_folded_here": not folded},
+        "metrics_float": float_metrics,
+        "metrics_fake_quant_before_training": before,
         "metrics": metrics,
     }

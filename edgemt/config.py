@@ -155,6 +155,14 @@ class PruneConfig:
 
 
 @dataclasses.dataclass
+class QATConfig:
+    """Int8 quantization-aware training of the reparameterized student (the ``qat`` stage)."""
+
+    steps: int = 300  # distillation steps with fake quantization (batch size: distill.train.batch_size)
+    lr: float = 1.0e-4
+
+
+@dataclasses.dataclass
 class ParityThresholds:
     """Per-precision agreement between an exported artifact and its PyTorch model."""
 
@@ -239,6 +247,7 @@ class Recipe:
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     deploy: DeployConfig = dataclasses.field(default_factory=DeployConfig)
+    qat: QATConfig = dataclasses.field(default_factory=QATConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     pipeline: list[str] = dataclasses.field(default_factory=lambda: ["data", "teacher", "export", "validate", "report"])

@@ -112,8 +112,22 @@ def export_onnx_int8(
     calibration: Sequence[np.ndarray] | None = None,
     opset: int = 18,
     batch: int | None = 1,
+    qat: Any = None,
 ) -> Path:
-    """Export fp32 ONNX to a temporary file, then quantize it to int8 QDQ at ``path``."""
+    """Export fp32 ONNX to a temporary file, then quantize it to int8 QDQ at ``path``.
+
+    With ``qat`` (a :class:`edgemt.compress.qat.QATModel`), the converted QAT graph is exported
+    instead: its quantize/dequantize ops become QDQ nodes carrying the learned scales (int8
+    activations), and no calibration runs.
+    """
+    if qat is not None:
+        from edgemt.compress.qat import QAT_SCHEME, ConvertedModel
+
+        meta = dict(metadata)
+        meta["quantization"] = {**QAT_SCHEME, "format": "QDQ", "scales": "learned by QAT, kept as they are"}
+        return export_onnx(
+            ConvertedModel(qat, fold_weights=True), path, input_size=input_size, batch=batch, opset=opset, metadata=meta
+        )
     if not calibration:
         raise OnnxExportError("onnx-int8 needs calibration images (export.calibration_images > 0)")
     with tempfile.TemporaryDirectory() as tmp:

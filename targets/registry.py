@@ -47,6 +47,7 @@ class TargetSpec:
     load: Callable[..., Any]
     runs_here: bool = True
     needs_calibration: bool = False  # export() takes calibration=[(B, 3, H, W) arrays] from training images
+    takes_qat: bool = False  # export() takes qat= (a QATModel) and keeps its learned quantization
     # The format needs constant conv weights (int8, XNNPACK, the Neural Engine): the dynamic-merge
     # form, whose kernels are computed per image, cannot be exported to it.
     static_weights: bool = False
@@ -134,6 +135,7 @@ TARGETS: dict[str, TargetSpec] = {
             _load_onnx,
             needs_calibration=True,
             static_weights=True,
+            takes_qat=True,
         ),
         *(
             TargetSpec(
@@ -146,6 +148,7 @@ TARGETS: dict[str, TargetSpec] = {
                 _export_tflite(p),
                 _load_tflite,
                 needs_calibration=p == "int8",
+                takes_qat=p == "int8",
                 static_weights=True,
             )
             for p in ("fp32", "fp16", "int8")

@@ -236,11 +236,13 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             "Peak memory is the runtime's own peak RSS measured in a fresh process where the target offers it, "
             "else the whole validation process's peak."
         )
-        noted = [r for r in targets if r.get("notes") or r.get("deploy_form_note")]
+        noted = [r for r in targets if r.get("notes") or r.get("deploy_form_note") or r.get("quantization_source")]
         if noted:
             lines += ["", "### Target notes", ""]
             for r in noted:
-                for note in ([r["deploy_form_note"]] if r.get("deploy_form_note") else []) + list(r.get("notes") or []):
+                notes = [r["deploy_form_note"]] if r.get("deploy_form_note") else []
+                notes += [f"quantization: {r['quantization_source']}"] if r.get("quantization_source") else []
+                for note in notes + list(r.get("notes") or []):
                     lines.append(f"- **{_fmt(r.get('target'))}**: {_fmt(note)}")
         failed = [r for r in targets if r.get("status") != "passed" and r.get("reasons")]
         if failed:

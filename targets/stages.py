@@ -113,6 +113,22 @@ class _DeployForms:
         return self._cache[want], want, note
 
 
+def _quantization_source(spec, model_dir: Path, recipe: Recipe) -> str:
+    """Where a quantized target's quantization comes from (empty for float targets)."""
+    from edgemt.compress.qat import is_qat_dir
+
+    if spec.precision not in ("int8", "int8w", "pal4"):
+        return ""
+    qat = is_qat_dir(model_dir)
+    if spec.takes_qat and qat:
+        if spec.format == "tflite" and recipe.export.tflite_converter != "litert-torch":
+            return "calibration of the QAT-trained weights (the onnx2tf route cannot take QAT scales)"
+        return "qat: scales learned by quantization-aware training, kept as they are"
+    if qat:
+        return "weights of the QAT-trained model, compressed by the converter (activations stay fp16)"
+    return "post-training calibration" if spec.needs_calibration else "post-training weight compression"
+
+
 def export_stage(ctx: StageContext) -> dict[str, Any]:
     from edgemt.targets.onnx import make_metadata
 
@@ -126,6 +142,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     forms = _DeployForms(model, model_dir, size, recipe.deploy.fold_bn)
     results: dict[str, Any] = {}
     calibration = None
+    qat = None  # the QAT stage's graph, when the model comes from it and an int8 target wants it
     for spec in specs:
         name = spec.name
         path = ctx.stage_dir / name / f"model{spec.suffix}"
@@ -150,6 +167,13 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 kwargs["calibration"] = calibration
             if spec.format == "tflite":
                 kwargs["route"] = recipe.export.tflite_converter
+            source = _quantization_source(spec, model_dir, recipe)
+            if spec.takes_qat and source.startswith("qat"):
+                if qat is None:
+                    from edgemt.compress.qat import load_qat
+
+                    qat = load_qat(model_dir)[1]
+                kwargs["qat"] = qat
             spec.export(
                 target_model,
                 path,
@@ -169,6 +193,8 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
             }
             if note:
                 results[name]["deploy_form_note"] = note
+            if source:
+                results[name]["quantization_source"] = source
             if spec.format == "tflite":
                 results[name]["converter"] = recipe.export.tflite_converter
             print(
@@ -231,7 +257,7 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
                 "reasons": [f"{type(e).__name__}: {e}"],
             }
         row.update({"deploy_form": info.get("deploy_form"), "runtime": spec.runtime, "format": spec.format})
-        for key in ("deploy_form_note", "converter"):
+        for key in ("deploy_form_note", "converter", "quantization_source"):
             if info.get(key):
                 row[key] = info[key]
         rows.append(row)
@@ -260,8 +286,9 @@ def _not_run_entry(spec, path: Path, info: dict[str, Any], tasks, input_size) ->
         "size_mb": round(info["size_bytes"] / 2**20, 3) if info.get("size_bytes") else None,
         "reasons": [],
     }
-    if info.get("deploy_form_note"):
-        row["deploy_form_note"] = info["deploy_form_note"]
+    for key in ("deploy_form_note", "quantization_source"):
+        if info.get(key):
+            row[key] = info[key]
     try:
         if spec.check is None:
             raise ConfigError(f"{spec.name} cannot run on {sys.platform} and has no static check")

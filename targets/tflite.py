@@ -74,6 +74,10 @@ __all__ = [
     "TFLiteModel",
 ]
 
+# TensorFlow (imported by litert-torch, ai-edge-litert and onnx2tf) logs C++ info lines (oneDNN, no
+# CUDA) that are noise on a CPU host; the variable must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 TFLITE_ROUTES = ("litert-torch", "onnx2tf")
 TFLITE_PRECISIONS = ("fp32", "fp16", "int8")
 METADATA_NAME = "edgemt"
@@ -101,8 +105,6 @@ class _NamedOutputs(nn.Module):
 @contextlib.contextmanager
 def _quiet_litert() -> Iterator[None]:
     # litert-torch prints a rich progress tree per conversion; EdgeMT prints its own line per target.
-    # TensorFlow's C++ info lines (oneDNN, no CUDA) are noise on a CPU host; set before TF is imported.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     old = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     try:
@@ -126,7 +128,7 @@ def _batches(calibration: Sequence[np.ndarray], batch: int) -> Iterator[np.ndarr
 # ---------------------------------------------------------------- litert-torch route
 
 
-def _int8_quantizer() -> Any:
+def _int8_quantizer(qat: bool = False) -> Any:
     """litert-torch's PT2EQuantizer (per-channel weights) that also pins softmax/sigmoid outputs.
 
     The stock annotator gives softmax its fixed output parameters only when the
@@ -142,6 +144,10 @@ def _int8_quantizer() -> Any:
     fixed_ops = (torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default)
 
     class _Quantizer(PT2EQuantizer):
+        # EdgeMT folds BatchNorm before quantizing, so the QAT-only conv+BN patterns never match (and
+        # their pattern tracing breaks with this torchao release).
+        STATIC_QAT_ONLY_OPS: list[str] = []
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
             cfg = self.global_config
@@ -159,7 +165,7 @@ def _int8_quantizer() -> Any:
 
     # Stock observers: HistogramObserver for activations (measured on the demo student: 0.10 points of
     # Delta_m against fp32, MinMax 0.14), per-channel MinMax for weights.
-    cfg = get_symmetric_quantization_config(is_per_channel=True)
+    cfg = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
     return _Quantizer().set_global(cfg)
 
 
@@ -215,6 +221,22 @@ def _litert_int8(named: nn.Module, x: torch.Tensor, calibration: Sequence[np.nda
         return bytes(edge.model_content()), seen
 
 
+def _litert_int8_from_qat(qat: Any, x: torch.Tensor) -> bytes:
+    """TFLite bytes of a QAT graph, converted with the scales it learned."""
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from edgemt.compress.qat import ConvertedModel
+
+    converted = ConvertedModel(qat).graph
+    converted.training = False
+    with _quiet_litert():
+        edge = litert_torch.convert(
+            converted, sample_kwargs={INPUT_NAME: x}, quant_config=QuantConfig(pt2e_quantizer=qat.quantizer)
+        )
+        return bytes(edge.model_content())
+
+
 # ---------------------------------------------------------------- onnx2tf route
 
 
@@ -233,7 +255,6 @@ def _onnx2tf(
     calibration: Sequence[np.ndarray],
     opset: int,
 ) -> tuple[bytes, int]:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import onnx2tf
         import onnx2tf.onnx2tf as onnx2tf_main
@@ -368,6 +389,7 @@ def export_tflite(
     route: str = "litert-torch",
     batch: int | None = 1,
     opset: int = 18,
+    qat: Any = None,
 ) -> Path:
     """Convert ``model`` to a ``.tflite`` file at ``path`` (written atomically) and return the path.
 
@@ -379,6 +401,9 @@ def export_tflite(
         calibration: int8 only: ``(B, 3, H, W)`` arrays of normalised training images.
         route: ``litert-torch`` or ``onnx2tf`` (see the module docstring).
         batch: fixed batch of the graph (LiteRT graphs are static; ``None`` means 1).
+        qat: int8 only: a :class:`edgemt.compress.qat.QATModel`. litert-torch converts its int8
+            graph with the learned scales; the onnx2tf route cannot take them and calibrates the
+            QAT-trained float weights on ``calibration`` instead (the metadata says which).
 
     Raises:
         TFLiteExportError: the conversion failed; nothing is left at ``path``.
@@ -391,7 +416,8 @@ def export_tflite(
     tasks = list(getattr(model, "tasks", None) or [])
     if not tasks:
         raise TFLiteExportError("the model has no .tasks; export needs the task list to name the outputs")
-    if precision == "int8" and not calibration:
+    use_qat = qat is not None and precision == "int8" and route == "litert-torch"
+    if precision == "int8" and not calibration and not use_qat:
         raise TFLiteExportError("tflite-int8 needs calibration images (export.calibration_images > 0)")
     names = [t.name for t in tasks]
     h, w = int(input_size[0]), int(input_size[1])
@@ -408,7 +434,9 @@ def export_tflite(
         else:
             named = _NamedOutputs(model, names).eval()
             try:
-                if precision == "int8":
+                if use_qat:
+                    data = _litert_int8_from_qat(qat, x)
+                elif precision == "int8":
                     data, calibrated = _litert_int8(named, x, calibration or [])
                 else:
                     data = _litert_fp32(named, x)
@@ -427,7 +455,12 @@ def export_tflite(
         meta["batch"] = json.dumps(b)
         meta["converter"] = route
         meta["tool_versions"] = json.dumps(tool_versions(TOOLS), sort_keys=True)
-        if precision == "int8":
+        if use_qat:
+            from edgemt.compress.qat import QAT_SCHEME
+
+            scheme = {**QAT_SCHEME, "format": "TFLite int8", "scales": "learned by QAT, kept as they are"}
+            meta["quantization"] = json.dumps(scheme, sort_keys=True)
+        elif precision == "int8":
             scheme = {
                 "format": "TFLite int8",
                 "activations": "int8, per-tensor, asymmetric",
@@ -436,6 +469,8 @@ def export_tflite(
                 + (", pt2e (litert-torch)" if route == "litert-torch" else ", TFLiteConverter representative dataset"),
                 "calibration_images": calibrated,
             }
+            if qat is not None:
+                scheme["method"] += " of the QAT-trained weights (this converter cannot take QAT scales)"
             meta["quantization"] = json.dumps(scheme, sort_keys=True)
         elif precision == "fp16":
             meta["quantization"] = json.dumps({"format": "float16 weights", "activations": "float32 on CPU"})

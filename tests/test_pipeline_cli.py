@@ -19,6 +19,7 @@ VERBS = [
     "train",
     "distill",
     "prune",
+    "qat",
     "reparam",
     "export",
     "validate",
@@ -329,7 +330,7 @@ def test_a_failing_target_is_recorded_and_the_others_pass(tmp_path: Path, capsys
         assert "coreml-fp16: Core ML prediction needs macOS" in section
 
 
-def test_prune_stage_between_student_and_reparam(tmp_path: Path, capsys) -> None:
+def test_prune_and_qat_stages_between_student_and_export(tmp_path: Path, capsys) -> None:
     runs = tmp_path / "runs"
     args = [
         "pipeline",
@@ -337,8 +338,9 @@ def test_prune_stage_between_student_and_reparam(tmp_path: Path, capsys) -> None
         *_tiny_demo(
             tmp_path,
             4,
-            "pipeline=[data, teacher, student, prune, reparam, export, validate, report]",
-            "export.targets=[onnx-fp32]",
+            "pipeline=[data, teacher, student, prune, reparam, qat, export, validate, report]",
+            "export.targets=[onnx-fp32, onnx-int8]",
+            "qat.steps=3",
             "prune.macs_ratio=0.6",
             "prune.finetune_every=5",
             "prune.finetune_steps=2",
@@ -360,9 +362,18 @@ def test_prune_stage_between_student_and_reparam(tmp_path: Path, capsys) -> None
     # The reparam stage works on the pruned model, exactly, and the export follows it.
     reparam = json.loads((run / "reparam" / "manifest.json").read_text())
     assert reparam["parent"]["stage"] == "prune" and reparam["max_abs_diff_vs_source"] < 1e-3
+    qat = json.loads((run / "qat" / "manifest.json").read_text())
+    assert qat["model"] == "student-xs (int8 QAT)" and qat["qat"]["steps"] == 3 and qat["qat"]["distilled"]
+    assert not qat["qat"]["bn_folded_here"]  # the reparam stage folded BatchNorm already
+    assert (run / "qat" / "qat.safetensors").is_file() and (run / "qat" / "arch.json").is_file()
     summary = json.loads((run / "report" / "report.json").read_text())
-    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "prune", "reparam"]
-    assert summary["targets"][0]["status"] == "passed"
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "prune", "reparam", "qat"]
+    rows = {r["target"]: r for r in summary["targets"]}
+    assert rows["onnx-fp32"]["status"] == "passed"
+    assert rows["onnx-int8"]["quantization_source"].startswith("qat: scales learned")
+    assert rows["onnx-int8"]["status"] in ("passed", "failed_validation")  # 3 QAT steps: validated, not judged
+    md = (run / "report" / "report.md").read_text()
+    assert "quantization: qat: scales learned by quantization-aware training" in md
     # A budget that cannot be met is a clear error naming the knobs.
     bad = [*args, "--set", "prune.max_ratio=0.05", "--set", "prune.max_steps=2"]
     assert main(bad) == 2

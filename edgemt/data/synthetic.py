@@ -59,6 +59,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -826,8 +827,10 @@ def generate(
 
             bar = tqdm(total=total, desc=f"synthetic {size[0]}x{size[1]}", unit="scene")
         if workers > 1 and total > 1:
-            # fork where available: spawn would re-import the package (and torch) in every worker.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            # fork where available: spawn would re-import the package (and torch) in every worker. Not
+            # once JAX or TensorFlow (the TFLite toolchain) is loaded: their threads make fork deadlock-prone.
+            threaded = any(m in sys.modules for m in ("jax", "tensorflow"))
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not threaded else "spawn"
             with multiprocessing.get_context(method).Pool(min(workers, total)) as pool:
                 for _ in pool.imap_unordered(_write_scene, jobs, chunksize=max(1, total // (8 * workers))):
                     if bar is not None:

@@ -1,0 +1,147 @@
+"""Int8 quantization-aware training (torchao pt2e) and the int8 targets that consume it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+pytest.importorskip("litert_torch")
+
+from edgemt.compress.qat import ConvertedModel, QATModel, is_qat_dir, load_qat, save_qat  # noqa: E402
+from edgemt.compress.reparam import reparameterize  # noqa: E402
+from edgemt.errors import DataError  # noqa: E402
+from edgemt.models import create_model  # noqa: E402
+from edgemt.targets.registry import get_target  # noqa: E402
+from edgemt.tasks import resolve_tasks  # noqa: E402
+
+SIZE = (64, 96)
+NAMES = ["semseg", "depth", "normals", "edge"]
+
+
+def _float_model():
+    torch.manual_seed(0)
+    model = create_model("student-xs", tasks=resolve_tasks(NAMES, {"semseg": 5})).eval()
+    reparameterize(model, "factorized", input_size=SIZE)  # BN folded, static form: what QAT quantizes
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A QAT model fitted for a few steps to fixed targets, its losses, and its saved directory."""
+    model = _float_model()
+    qat = QATModel(model, SIZE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, *SIZE, generator=g)
+    with torch.no_grad():
+        target = {k: 2.0 * v + 0.3 for k, v in qat(x).items()}  # reachable through the heads
+    qat.train()
+    opt = torch.optim.Adam(qat.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = qat(x)
+        loss = sum(torch.nn.functional.mse_loss(out[k], target[k]) for k in out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    qat.eval()
+    qat.freeze_observers()
+    d = tmp_path_factory.mktemp("qat")
+    save_qat(d, model, qat)
+    return qat, losses, d
+
+
+def test_qat_lowers_its_loss(trained):
+    _, losses, _ = trained
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_qat_graph_is_fake_quantized_and_keeps_output_shapes(trained):
+    qat, _, _ = trained
+    state = qat.quant_state()
+    assert any(k.endswith(".scale") for k in state) and any(k.endswith(".zero_point") for k in state)
+    x = torch.randn(3, 3, 96, 128)  # other batch and size than the export example
+    with torch.no_grad():
+        out = qat(x)
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
+        "semseg": (5, 96, 128),
+        "depth": (1, 96, 128),
+        "normals": (3, 96, 128),
+        "edge": (1, 96, 128),
+    }
+    with pytest.raises(DataError, match="multiples of 32"):
+        qat(torch.randn(1, 3, 60, 96))
+
+
+def test_qat_artifact_reloads_without_pickle_and_gives_identical_outputs(trained):
+    qat, _, d = trained
+    assert is_qat_dir(d) and json.loads((d / "qat.json").read_text())["input_size"] == list(SIZE)
+    model, again = load_qat(d)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        a, b = qat(x), again(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The float model holds the QAT-trained weights.
+    sd = model.state_dict()
+    assert all(torch.equal(v.nan_to_num(), sd[k].nan_to_num()) for k, v in qat.float_state().items())
+
+
+def test_qat_artifact_with_foreign_state_is_refused(trained, tmp_path):
+    from edgemt.io import save_weights
+
+    _, _, d = trained
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    save_weights(bad / "qat.safetensors", {"activation_post_process_9999.scale": torch.ones(1)})
+    with pytest.raises(DataError, match="does not fit the rebuilt graph"):
+        load_qat(bad)
+
+
+# Tolerance of an int8 runtime against the fake-quantized PyTorch model: mean |a - b| at most 2% of the
+# mean |b| per task (the runtimes requantize with their own integer rounding), and at most 1% against the
+# converted int8 PyTorch graph, which applies the same rounding points.
+TOL_FAKE_QUANT, TOL_CONVERTED = 0.02, 0.01
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean() / (np.abs(b).mean() + 1e-8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx-int8", "tflite-int8"])
+def test_int8_file_from_qat_matches_the_fake_quantized_model(target, trained, tmp_path):
+    qat, _, _ = trained
+    spec = get_target(target)
+    assert spec.takes_qat
+    path = spec.export(_float_model(), tmp_path / f"m{spec.suffix}", input_size=SIZE, metadata={}, qat=qat)
+    rt = spec.load(path, threads=1, target=target)
+    meta_q = rt.metadata["quantization"]
+    assert meta_q["scales"] == "learned by QAT, kept as they are" and "quantization-aware" in meta_q["method"]
+    conv = ConvertedModel(qat)
+    for seed in range(3):
+        x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+        got = rt.run(x.numpy())
+        with torch.no_grad():
+            fq, cv = qat(x), conv(x)
+        for k in NAMES:
+            assert _rel(got[k], fq[k].numpy()) <= TOL_FAKE_QUANT, (k, _rel(got[k], fq[k].numpy()))
+            assert _rel(got[k], cv[k].numpy()) <= TOL_CONVERTED, (k, _rel(got[k], cv[k].numpy()))
+    if target == "onnx-int8":
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+        assert (
+            path.stat().st_size
+            < 0.5
+            * get_target("onnx-fp32")
+            .export(_float_model(), tmp_path / "f.onnx", input_size=SIZE, metadata={})
+            .stat()
+            .st_size
+        )
