@@ -2,8 +2,11 @@
 
 :func:`prune_to_budget` removes whole channels with Torch-Pruning's
 ``MetaPruner``: global ranking (one threshold across all layers) of a group
-importance (L2 magnitude of every weight a channel touches, summed over its
-dependency group), in many small iterative steps, until the budget is met:
+importance, in many small iterative steps, until the budget is met. The
+importance is LAMP by default (L2 magnitudes rescaled per layer so that scores
+are comparable across layers of different scales; on the demo student, half
+the MACs pruned without fine-tuning cost 71 points of Δm with LAMP against 134
+with plain group magnitude), or ``magnitude`` or ``bn-scale``. The budget:
 
 * ``macs_ratio`` (keep this fraction of the model's MACs) or ``macs``
   (absolute): counted after every step, so the result lands just under the
@@ -111,6 +114,21 @@ def _detached_gates(model: nn.Module, sink: list[torch.Tensor]) -> Iterator[None
             del blk.route
 
 
+IMPORTANCES = ("magnitude", "lamp", "bn-scale")
+
+
+def _importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    if name == "magnitude":  # L2 norm of every weight a channel touches, mean over its group, mean-normalised
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "lamp":  # layer-adaptive magnitude: scores comparable across layers of different scales
+        return tp.importance.LAMPImportance(p=2)
+    if name == "bn-scale":  # network slimming: |gamma| of the BatchNorms
+        return tp.importance.BNScaleImportance()
+    raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {name!r}")
+
+
 def _pruner_class():
     import torch_pruning as tp
 
@@ -141,6 +159,8 @@ def prune_to_budget(
     round_to: int = 8,
     rank_round: int = 2,
     measure_every: int = 5,
+    global_ranking: bool = True,
+    importance: str = "lamp",
     finetune: Callable[[nn.Module, int], Any] | None = None,
     finetune_every: int = 0,
     progress: bool = False,
@@ -163,7 +183,6 @@ def prune_to_budget(
     Raises:
         ConfigError: no budget, more than one, or an impossible value.
     """
-    import torch_pruning as tp
 
     given = [k for k, v in (("macs_ratio", macs_ratio), ("macs", macs), ("latency_ms", latency_ms)) if v is not None]
     if len(given) != 1:
@@ -202,8 +221,8 @@ def prune_to_budget(
         pruner = pruner_cls(
             model,
             example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            global_pruning=True,
+            importance=_importance(importance),
+            global_pruning=global_ranking,
             pruning_ratio=max_ratio,
             iterative_steps=max_steps,
             ignored_layers=ignored_layers(model),

@@ -278,6 +278,8 @@ def prune_stage(ctx: StageContext) -> dict[str, Any]:
         round_to=cfg.round_to,
         rank_round=cfg.rank_round,
         measure_every=cfg.measure_every,
+        global_ranking=cfg.global_ranking,
+        importance=cfg.importance,
         finetune=finetune if cfg.finetune_every > 0 else None,
         finetune_every=cfg.finetune_every,
         progress=ctx.progress,

@@ -49,6 +49,7 @@ from edgemt.io import atomic_dir, tool_versions
 from edgemt.tasks import Task, get_task
 
 from .onnx import INPUT_NAME, _TupleOutputs, decode_metadata
+from .runtime import StaticShapeRuntime
 
 __all__ = [
     "COREML_PRECISIONS",
@@ -315,7 +316,7 @@ def _package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class CoreMLModel:
+class CoreMLModel(StaticShapeRuntime):
     """A ``.mlpackage`` run through Core ML (macOS only; elsewhere construction raises ``DataError``).
 
     Compute units come from ``EDGEMT_COREML_COMPUTE_UNITS`` (``CPU_ONLY`` by
@@ -346,14 +347,6 @@ class CoreMLModel:
             raise DataError(f"{self.path}: no EdgeMT task metadata")
         arr = self.mlmodel.get_spec().description.input[0].type.multiArrayType
         self.input_shape = [int(s) for s in arr.shape]
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.input_shape[2], self.input_shape[3]
-
-    @property
-    def fixed_batch(self) -> int:
-        return self.input_shape[0]
 
     @property
     def size_bytes(self) -> int:

@@ -242,6 +242,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             for r in noted:
                 notes = [r["deploy_form_note"]] if r.get("deploy_form_note") else []
                 notes += [f"quantization: {r['quantization_source']}"] if r.get("quantization_source") else []
+                if r.get("parity_reference", "").startswith("the fake-quantized"):
+                    notes.append(f"parity and metric deltas against {r['parity_reference']}")
                 for note in notes + list(r.get("notes") or []):
                     lines.append(f"- **{_fmt(r.get('target'))}**: {_fmt(note)}")
         failed = [r for r in targets if r.get("status") != "passed" and r.get("reasons")]

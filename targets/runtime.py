@@ -26,7 +26,21 @@ from edgemt.tasks import Task, get_task
 from .latency import onnx_peak_memory
 from .onnx import decode_metadata
 
-__all__ = ["OnnxRuntimeModel", "TorchModel", "as_runtime"]
+__all__ = ["OnnxRuntimeModel", "TorchModel", "StaticShapeRuntime", "as_runtime"]
+
+
+class StaticShapeRuntime:
+    """For runtimes whose graph has a fixed ``input_shape`` ``[B, 3, H, W]`` (LiteRT, Core ML)."""
+
+    input_shape: list[int]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.input_shape[2], self.input_shape[3]
+
+    @property
+    def fixed_batch(self) -> int:
+        return self.input_shape[0]
 
 
 def _as_float32(images: np.ndarray) -> np.ndarray:

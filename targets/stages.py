@@ -223,6 +223,7 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(recipe.data, "val", train=False)
     macs = count_macs(model, tuple(exported["input_size"]))
     reference = TorchModel(model, threads=recipe.validate.threads)
+    qat_reference = None  # int8 files that kept QAT's scales are compared with the fake-quantized model
     rows = []
     for name, info in exported["targets"].items():
         spec = get_target(name)
@@ -236,11 +237,20 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
             r = rows[-1]
             print(f"[validate] {name}: {r['status']} ({'; '.join(r['reasons'] or [r['not_run_reason']])})")
             continue
+        ref, ref_label = reference, "the PyTorch float model"
+        if str(info.get("quantization_source", "")).startswith("qat"):
+            if qat_reference is None:
+                from edgemt.compress.qat import load_qat
+
+                qat_reference = TorchModel(
+                    load_qat(exported["source_dir"])[1], tasks=model.tasks, threads=recipe.validate.threads
+                )
+            ref, ref_label = qat_reference, "the fake-quantized QAT model (PyTorch)"
         try:
             runtime = spec.load(ctx.parent_dir / info["path"], threads=recipe.validate.threads, target=name)
             row = validate_runtime(
                 runtime,
-                reference,
+                ref,
                 val_set,
                 model.tasks,
                 cfg=recipe.validate,
@@ -257,6 +267,7 @@ def validate_stage(ctx: StageContext) -> dict[str, Any]:
                 "reasons": [f"{type(e).__name__}: {e}"],
             }
         row.update({"deploy_form": info.get("deploy_form"), "runtime": spec.runtime, "format": spec.format})
+        row["parity_reference"] = ref_label
         for key in ("deploy_form_note", "converter", "quantization_source"):
             if info.get(key):
                 row[key] = info[key]

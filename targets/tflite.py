@@ -63,6 +63,7 @@ from edgemt.io import atomic_path, tool_versions
 from edgemt.tasks import Task, get_task
 
 from .onnx import INPUT_NAME, decode_metadata
+from .runtime import StaticShapeRuntime
 
 __all__ = [
     "TFLITE_ROUTES",
@@ -488,7 +489,7 @@ def export_tflite(
 # ---------------------------------------------------------------- runtime
 
 
-class TFLiteModel:
+class TFLiteModel(StaticShapeRuntime):
     """A ``.tflite`` file run by LiteRT's interpreter (XNNPACK on CPU) through its signature runner.
 
     Int8 inputs and outputs (litert-torch's int8 graphs) are quantized and
@@ -529,14 +530,6 @@ class TFLiteModel:
         missing = [t.name for t in self.tasks if t.name not in self._out]
         if missing:
             raise DataError(f"{self.path}: tasks {missing} are not signature outputs {sorted(self._out)}")
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.input_shape[2], self.input_shape[3]
-
-    @property
-    def fixed_batch(self) -> int:
-        return self.input_shape[0]
 
     @property
     def size_bytes(self) -> int:
