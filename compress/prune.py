@@ -240,9 +240,18 @@ def prune_to_budget(
         from tqdm import tqdm
 
         bar = tqdm(total=max_steps, desc="prune", dynamic_ncols=True)
+    now = macs_before
     while not met and steps < max_steps:
         with _detached_gates(model, gates):
-            pruner.step()
+            # Group by group (interactive step): near a MACs budget, stop at the group that meets it, so
+            # one coarse step (few large groups, or LAMP's jumps) cannot overshoot the budget.
+            for group in pruner.step(interactive=True):
+                group.prune()
+                if target_macs is not None and now < 1.5 * target_macs:
+                    for blk in _expert_blocks(model):
+                        blk.sync_shapes()
+                    if count_macs(model, input_size) <= target_macs:
+                        break
         steps += 1
         for blk in _expert_blocks(model):
             blk.sync_shapes()

