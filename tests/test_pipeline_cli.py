@@ -161,6 +161,12 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
         "validate.runs=3",
         "--set",
         "validate.warmup=1",
+        "--set",
+        "prune.finetune_steps=2",
+        "--set",
+        "prune.final_finetune_steps=2",
+        "--set",
+        "qat.steps=2",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -178,11 +184,11 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert page.count("data:image/png;base64,") == 1 + sum(r["status"] == "passed" for r in summary["targets"])
     assert "http://" not in page and "https://" not in page  # self-contained
     assert all(r["latency_pytorch_ms"] > 0 for r in summary["stages"])
-    stages = ("data", "teacher", "student", "reparam", "export", "validate", "report")
+    stages = ("data", "teacher", "student", "prune", "reparam", "qat", "export", "validate", "report")
     for stage in stages:
         m = json.loads((runs / "demo" / stage / "manifest.json").read_text())
         assert m["stage"] == stage and "inputs_hash" in m and "versions" in m
-    for stage in ("teacher", "student", "reparam"):
+    for stage in ("teacher", "student", "prune", "reparam", "qat"):
         assert (runs / "demo" / stage / "weights.safetensors").is_file()
     # The exported model is the reparameterized student, and the report says which form.
     assert row["deploy_form"] == "factorized"
@@ -192,7 +198,11 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     reparam = json.loads((runs / "demo" / "reparam" / "manifest.json").read_text())
     assert reparam["deploy_form"] == "factorized" and reparam["bn_folded"] > 0
     assert reparam["max_abs_diff_vs_source"] < 1e-3
-    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "reparam"]
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "prune", "reparam", "qat"]
+    # The int8 targets keep the QAT stage's scales.
+    rows = {r["target"]: r for r in summary["targets"]}
+    assert rows["onnx-int8"]["quantization_source"].startswith("qat")
+    assert rows["tflite-int8"]["quantization_source"].startswith("qat")
 
     # Second run: every stage is up to date.
     assert main(args) == 0
