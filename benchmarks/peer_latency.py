@@ -3,7 +3,8 @@
 
 Measured in one run, 1 thread, batch 1, with ONNX Runtime (fp32; int8 static
 QDQ) and LiteRT (XNNPACK; fp32 and int8 through litert-torch's pt2e), both
-models calibrated on the same training images. Reports the student/peer
+models calibrated on the same training images; for a run with a ``qat``
+stage, also the student's QAT int8 files (what the pipeline ships). Reports the student/peer
 latency ratio per runtime and precision (goal: at most 1.5x for all tasks
 against one), the int8/fp32 ratio per model and runtime (goal: at most 0.6),
 and, from the run's validation, the int8 accuracy drop in Delta_m against
@@ -31,7 +32,7 @@ from edgemt.models import load_model
 from edgemt.models.profile import count_macs
 from edgemt.targets.latency import measure_latency
 from edgemt.targets.onnx import export_onnx
-from edgemt.targets.onnx_int8 import quantize_onnx_int8
+from edgemt.targets.onnx_int8 import export_onnx_int8, quantize_onnx_int8
 from edgemt.targets.runtime import OnnxRuntimeModel
 from edgemt.targets.tflite import TFLiteModel, export_tflite
 
@@ -79,6 +80,11 @@ def main() -> None:
     recipe = load_recipe(run)
     model_dir = run / "reparam" if (run / "reparam" / "arch.json").is_file() else run / "student"
     student = load_model(model_dir).eval()
+    qat = None
+    if (run / "qat" / "qat.json").is_file():  # the int8 targets of such a run come from QAT
+        from edgemt.compress.qat import load_qat
+
+        qat_float, qat = load_qat(run / "qat")
     classes = next(t.channels for t in student.tasks if t.name == "semseg")
     peer = _Peer(classes).eval()
     rows = []
@@ -100,6 +106,13 @@ def main() -> None:
                         input_size=size,
                         calibration=calib if p == "int8" else None,
                     )
+                if name == "student" and qat is not None:
+                    files["ort_int8_qat"] = export_onnx_int8(
+                        qat_float, tmp / f"{name}{size_s}-qat.onnx", input_size=size, metadata={}, qat=qat
+                    )
+                    files["litert_int8_qat"] = export_tflite(
+                        qat_float, tmp / f"{name}{size_s}-qat.tflite", precision="int8", input_size=size, qat=qat
+                    )
                 lat[name] = {k: _latency(f, (1, 3, *size), args.runs) for k, f in files.items()}
                 row = {
                     "size": size_s,
@@ -113,6 +126,9 @@ def main() -> None:
                     row[f"{rt}_fp32_ms"] = round(lat[name][f"{rt}_fp32"], 3)
                     row[f"{rt}_int8_ms"] = round(lat[name][f"{rt}_int8"], 3)
                     row[f"{rt} int8/fp32"] = round(lat[name][f"{rt}_int8"] / lat[name][f"{rt}_fp32"], 3)
+                    if f"{rt}_int8_qat" in lat[name]:
+                        row[f"{rt}_int8_qat_ms"] = round(lat[name][f"{rt}_int8_qat"], 3)
+                        row[f"{rt} int8 QAT/fp32"] = round(lat[name][f"{rt}_int8_qat"] / lat[name][f"{rt}_fp32"], 3)
                 rows.append(row)
             for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
                 rows[-2][f"student/peer {k}"] = round(lat["student"][k] / lat["peer"][k], 3)

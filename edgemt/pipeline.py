@@ -147,6 +147,15 @@ def _outputs_hash(stage_dir: Path) -> str:
     return config_hash({str(p.relative_to(stage_dir)): file_hash(p) for p in files})
 
 
+def _failed_targets(manifest: dict[str, Any] | None) -> list[str]:
+    """Targets a stage's manifest records as failed exports: the stage is not complete, so it reruns
+    (the failure may have been an installable converter or a fixed bug) instead of counting as up to date."""
+    targets = (manifest or {}).get("targets")
+    if not isinstance(targets, dict):
+        return []
+    return [k for k, v in targets.items() if isinstance(v, dict) and v.get("status") == "export_failed"]
+
+
 def _validate_order(recipe: Recipe, reg: Registry) -> None:
     for i, name in enumerate(recipe.pipeline):
         if name not in reg.stages:
@@ -182,9 +191,12 @@ def run_stage(recipe: Recipe, name: str, *, force: bool = False, progress: bool 
     _save_recipe(recipe)
     want = _inputs_hash(recipe, stage, parent_manifest)
     have = read_manifest(stage_dir)
-    if not force and have is not None and have.get("inputs_hash") == want:
+    failed = _failed_targets(have)
+    if not force and have is not None and have.get("inputs_hash") == want and not failed:
         echo(f"[{name}] up to date ({stage_dir}), skipped")
         return have
+    if failed and have is not None and have.get("inputs_hash") == want:
+        echo(f"[{name}] {', '.join(failed)} failed to export last time; running the stage again")
     if have is not None:
         # Stale output: remove it so nothing of the old run leaks into the new one.
         shutil.rmtree(stage_dir)

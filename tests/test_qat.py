@@ -135,8 +135,17 @@ def test_int8_file_from_qat_matches_the_fake_quantized_model(target, trained, tm
     if target == "onnx-int8":
         import onnx
 
-        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        proto = onnx.load(str(path))
+        ops = {n.op_type for n in proto.graph.node}
         assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+        # activations run as uint8 (ORT's U8S8 kernels), weights stay int8
+        zp_type = {t.name: t.data_type for t in proto.graph.initializer}
+        q_types = {zp_type[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+        assert q_types == {onnx.TensorProto.UINT8}, q_types
+        w_types = {
+            zp_type[n.input[2]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in zp_type
+        }
+        assert w_types == {onnx.TensorProto.INT8}, w_types
         assert (
             path.stat().st_size
             < 0.5
@@ -145,3 +154,38 @@ def test_int8_file_from_qat_matches_the_fake_quantized_model(target, trained, tm
             .stat()
             .st_size
         )
+
+
+def test_uint8_activation_rewrite_is_exact(trained, tmp_path):
+    """QAT's int8 activations moved to uint8 (zero point + 128) give the same values bit for bit."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.onnx_int8 import activations_to_uint8
+
+    qat, _, _ = trained
+    path = export_onnx(ConvertedModel(qat, fold_weights=True), tmp_path / "s8.onnx", input_size=SIZE, metadata={})
+    s8 = onnx.load(str(path))
+    u8 = activations_to_uint8(copy.deepcopy(s8))
+    onnx.checker.check_model(u8, full_check=True)
+    n_q = sum(n.op_type == "QuantizeLinear" for n in s8.graph.node)
+    assert n_q > 20
+    types = {t.name: t.data_type for t in u8.graph.initializer}
+    assert all(types[n.input[2]] == onnx.TensorProto.UINT8 for n in u8.graph.node if n.op_type == "QuantizeLinear")
+    x = np.random.default_rng(0).standard_normal((1, 3, *SIZE)).astype(np.float32)
+
+    def run(proto, optimize: bool):
+        so = ort.SessionOptions()
+        if not optimize:  # the graph as written: every Q/DQ op evaluated on its own
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(proto.SerializeToString(), so).run(None, {"image": x})
+
+    for u, v in zip(run(s8, False), run(u8, False), strict=True):
+        assert np.array_equal(u, v)
+    # Optimized, ORT fuses the QDQ pairs into integer kernels (U8S8 here, S8S8 before), whose
+    # requantization rounds differently: close, not identical.
+    for u, v in zip(run(s8, True), run(u8, True), strict=True):
+        assert _rel(v, u) <= TOL_CONVERTED
