@@ -48,7 +48,7 @@ from edgemt.errors import DataError
 from edgemt.io import atomic_dir, tool_versions
 from edgemt.tasks import Task, get_task
 
-from .onnx import INPUT_NAME, _TupleOutputs, decode_metadata
+from .onnx import INPUT_NAME, _TupleOutputs, artifact_metadata, decode_metadata
 from .runtime import StaticShapeRuntime
 
 __all__ = [
@@ -169,12 +169,7 @@ def export_coreml(
             raise
         except Exception as e:
             raise CoreMLExportError(f"coremltools conversion failed: {type(e).__name__}: {e}") from e
-        meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in (metadata or {}).items()}
-        meta["edgemt.format"] = "edgemt-coreml/1"
-        meta.setdefault("tasks", json.dumps([{"name": t.name, "channels": t.channels} for t in tasks]))
-        meta.setdefault("input_size", json.dumps([h, w]))
-        meta["input_name"] = INPUT_NAME
-        meta["batch"] = json.dumps(b)
+        meta = artifact_metadata(metadata, "edgemt-coreml/1", tasks, (h, w), b)
         meta["compute_precision"] = "fp16"
         meta["weights"] = {"fp16": "fp16", "int8w": "int8 per-channel symmetric", "pal4": "4-bit k-means palette"}[
             precision

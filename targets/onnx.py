@@ -130,6 +130,20 @@ def _encode(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def artifact_metadata(
+    metadata: Mapping[str, Any] | None, fmt: str, tasks: Sequence[Task], size: tuple[int, int], batch: int
+) -> dict[str, str]:
+    """The string entries every non-ONNX artifact (TFLite, Core ML) starts from: the caller's metadata
+    JSON-encoded, plus the format tag, tasks, input size and name, and batch the runtimes rely on."""
+    meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in (metadata or {}).items()}
+    meta["edgemt.format"] = fmt
+    meta.setdefault("tasks", json.dumps([{"name": t.name, "channels": t.channels} for t in tasks]))
+    meta.setdefault("input_size", json.dumps([int(size[0]), int(size[1])]))
+    meta["input_name"] = INPUT_NAME
+    meta["batch"] = json.dumps(batch)
+    return meta
+
+
 def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     """Decode JSON-encoded values of a metadata map; other strings stay strings.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,6 +119,13 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's **bold** and `code` as HTML (the report's notes use both)."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
 def _table_from_markdown(lines: Sequence[str]) -> str:
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     head, body = rows[0], [r for r in rows[2:]]
@@ -157,9 +165,9 @@ def render_html(markdown: str, figures: Sequence[tuple[str, bytes]]) -> str:
         elif line.startswith("### "):
             body.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
+            body.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_inline(line)}</p>")
         i += 1
     if not placed:
         body += figure_html

@@ -62,7 +62,7 @@ from edgemt.errors import DataError
 from edgemt.io import atomic_path, tool_versions
 from edgemt.tasks import Task, get_task
 
-from .onnx import INPUT_NAME, decode_metadata
+from .onnx import INPUT_NAME, artifact_metadata, decode_metadata
 from .runtime import StaticShapeRuntime
 
 __all__ = [
@@ -447,13 +447,8 @@ def export_tflite(
                 raise
             except Exception as e:
                 raise TFLiteExportError(f"litert-torch conversion failed: {type(e).__name__}: {e}") from e
-        meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in (metadata or {}).items()}
-        meta["edgemt.format"] = "edgemt-tflite/1"
-        meta.setdefault("tasks", json.dumps([{"name": t.name, "channels": t.channels} for t in tasks]))
-        meta.setdefault("input_size", json.dumps([h, w]))
-        meta["input_name"] = INPUT_NAME
+        meta = artifact_metadata(metadata, "edgemt-tflite/1", tasks, (h, w), b)
         meta["input_layout"] = "NCHW float32, normalised (int8 inputs: quantize with the input's scale/zero point)"
-        meta["batch"] = json.dumps(b)
         meta["converter"] = route
         meta["tool_versions"] = json.dumps(tool_versions(TOOLS), sort_keys=True)
         if use_qat:

@@ -460,3 +460,11 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 10  # text, tables and figures, not a blank page
+
+
+def test_html_report_renders_markdown_emphasis_and_escapes_the_rest():
+    from edgemt.targets.report_html import render_html
+
+    page = render_html("# r\n\n- **onnx-int8**: uses `qat` <scales>\nplain **bold** & text\n", [])
+    assert "<li><b>onnx-int8</b>: uses <code>qat</code> &lt;scales&gt;</li>" in page
+    assert "<p>plain <b>bold</b> &amp; text</p>" in page and "**" not in page
