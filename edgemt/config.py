@@ -59,6 +59,8 @@ class DataConfig:
     # Pad validation images to exactly this (H, W) instead (fixed-grid models, e.g. PASCAL at 512x512).
     eval_size: tuple[int, int] | None = None
     workers: int = 0
+    # Keep decoded samples in memory up to this many MiB per process (0: decode every access).
+    cache_mb: float = 1024.0
     synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
 
 

@@ -74,4 +74,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> De
         transform = train_transform(cfg.crop, scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter)
     else:
         transform = eval_transform(cfg.pad_to, cfg.eval_size)
-    return cls(cfg.root, split=split, tasks=list(cfg.tasks), transform=transform, seed=seed)
+    if cfg.cache_mb < 0:
+        raise ConfigError(f"data.cache_mb: expected >= 0 (0 turns the decode cache off), got {cfg.cache_mb}")
+    ds = cls(cfg.root, split=split, tasks=list(cfg.tasks), transform=transform, seed=seed)
+    ds.cache_mb = float(cfg.cache_mb)
+    return ds
