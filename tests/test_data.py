@@ -382,6 +382,32 @@ def test_build_dataset_from_config(synth: Path, pascal: Path) -> None:
         build_dataset(bad, "val", train=False)
 
 
+def test_decode_cache_gives_the_same_samples_and_rereads_rewritten_files(synth: Path) -> None:
+    from edgemt.data.base import _DECODED, clear_decode_cache
+
+    clear_decode_cache()
+    cfg = DataConfig(dataset="synthetic", root=str(synth), tasks=["semseg", "depth"], crop=(16, 16), cache_mb=0)
+    plain = build_dataset(cfg, "train", train=True, seed=3)
+    assert plain[1] and not _DECODED  # cache off: nothing kept
+    cfg.cache_mb = 64
+    cached = build_dataset(cfg, "train", train=True, seed=3)
+    first = cached[1]
+    assert len(_DECODED) == 1
+    again = build_dataset(cfg, "train", train=True, seed=3)[1]  # another dataset object shares the cache
+    assert len(_DECODED) == 1
+    for k in ("image", "semseg", "depth"):
+        assert torch.equal(first[k], plain[1][k]) and torch.equal(again[k], first[k])
+    # A label rewritten on disk is decoded again, and still validated.
+    label = synth / "segmentation" / f"{cached.ids[1]}.png"
+    arr = np.array(Image.open(label))
+    Image.fromarray(np.full_like(arr, 200)).save(label)
+    with pytest.raises(DataError, match="class id 199 is out of range"):
+        cached[1]
+    with pytest.raises(ConfigError, match="data.cache_mb"):
+        build_dataset(DataConfig(dataset="synthetic", root=str(synth), cache_mb=-1), "train", train=True)
+    clear_decode_cache()
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

@@ -387,9 +387,15 @@ def test_onnx_int8_export_is_qdq_per_channel_and_close_to_fp32(tmp_path):
         and inits[n.input[1]].dims[0] > 1
     ]
     assert per_channel
+    # The heads' upsampling to the input size stays float: no quantize/dequantize pair at full resolution.
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert {producers[o.name].op_type for o in proto.graph.output} == {"Resize"}
+    for o in proto.graph.output:
+        assert not any(o.name in n.input for n in proto.graph.node), "a graph output feeds another node"
     meta = read_onnx_metadata(path)
     assert meta["deploy_form"] == "factorized"
     assert meta["quantization"]["calibration_images"] == 8
+    assert meta["quantization"]["float_output_resizes"] == len(tasks)
     assert meta["quantization"]["weights"].startswith("int8, per-channel")
     # The int8 graph tracks the fp32 model on an in-distribution input.
     x = calib[0]
