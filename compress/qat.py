@@ -22,7 +22,10 @@ the graph, so no division is quantized (a quantized DIV fails in LiteRT).
 :class:`QATModel` wraps the prepared graph behind the model interface
 (``forward(x) -> {task: raw}``, ``.tasks``), so the trainer and the
 distillation loss use it like any student. The graph is exported with a
-dynamic batch and height/width in multiples of 32.
+dynamic batch and height/width in multiples of 32. With ``output_stride``
+4 the graph ends at the heads' stride-4 maps (the graph the exporters
+ship, see ``deploy.output_stride``) and :meth:`QATModel.forward`
+upsamples them in float, outside the quantized graph, for the losses.
 
 Artifacts without pickle: ``save_qat`` writes the float model (the QAT-trained
 weights, ``arch.json`` + ``weights.safetensors``, loadable by ``load_model``),
@@ -39,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import DataError
 from edgemt.io import load_weights, read_json, save_weights, write_json
+from edgemt.models import graph_output_stride
 
 __all__ = ["QATModel", "save_qat", "load_qat", "QAT_SCHEME", "is_qat_dir"]
 
@@ -78,7 +83,7 @@ class QATModel(nn.Module):
         input_size: ``(H, W)`` of the example input used to export (any multiple of 32 runs).
     """
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, int]) -> None:
+    def __init__(self, model: nn.Module, input_size: tuple[int, int], output_stride: int = 1) -> None:
         super().__init__()
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -97,9 +102,11 @@ class QATModel(nn.Module):
             3: 32 * torch.export.Dim("w32", min=1, max=128),
         }
         example = torch.randn(2, 3, *self.input_size, device=next(model.parameters()).device)
-        program = torch.export.export(
-            _Named(model, self.task_names), (), {"image": example}, dynamic_shapes={"image": dims}
-        )
+        self.output_stride = int(output_stride)
+        with graph_output_stride(model, self.output_stride):
+            program = torch.export.export(
+                _Named(model, self.task_names), (), {"image": example}, dynamic_shapes={"image": dims}
+            )
         self.quantizer = _int8_quantizer(qat=True)
         self.graph = prepare_qat_pt2e(program.module(), self.quantizer)
         move_exported_model_to_eval(self.graph)
@@ -109,7 +116,10 @@ class QATModel(nn.Module):
         h, w = x.shape[-2:]
         if h % 32 or w % 32:
             raise DataError(f"the QAT graph takes heights and widths in multiples of 32, got {h}x{w}")
-        return self.graph(image=x)
+        out = self.graph(image=x)
+        if self.output_stride == 1:
+            return out
+        return {k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False) for k, v in out.items()}
 
     def train(self, mode: bool = True) -> QATModel:
         # An exported graph refuses .train()/.eval(); pt2e switches its fake-quant modules itself.
@@ -186,7 +196,13 @@ def save_qat(directory: str | Path, float_model: nn.Module, qat: QATModel, extra
     save_weights(directory / QAT_FILE, qat.quant_state())
     write_json(
         directory / QAT_META,
-        {"input_size": list(qat.input_size), "scheme": QAT_SCHEME, "keys": len(qat.quant_state()), **(extra or {})},
+        {
+            "input_size": list(qat.input_size),
+            "output_stride": qat.output_stride,
+            "scheme": QAT_SCHEME,
+            "keys": len(qat.quant_state()),
+            **(extra or {}),
+        },
     )
 
 
@@ -203,7 +219,7 @@ def load_qat(directory: str | Path) -> tuple[nn.Module, QATModel]:
         raise DataError(f"{directory}: not a QAT artifact (no {QAT_META} / {QAT_FILE})")
     meta = read_json(directory / QAT_META)
     model = load_model(directory).eval()
-    qat = QATModel(model, tuple(meta["input_size"]))
+    qat = QATModel(model, tuple(meta["input_size"]), output_stride=int(meta.get("output_stride", 1)))
     state = load_weights(directory / QAT_FILE)
     want = set(qat.quant_state())
     if set(state) != want:

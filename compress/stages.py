@@ -341,7 +341,8 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     val_set = build_dataset(r.data, "val", train=False)
     opts = metric_options(r)
     float_metrics = evaluate(model, val_set, tasks, metric_options=opts, progress=ctx.progress)
-    qat = QATModel(model, size)
+    # The graph is traced where the exporters will end it (deploy.output_stride), so int8 targets ship it as trained.
+    qat = QATModel(model, size, output_stride=r.deploy.output_stride)
     before = evaluate(qat, val_set, tasks, metric_options=opts, progress=ctx.progress)  # fake-quant, untrained
     # Output distillation only: the feature adapters read the heads' inputs, which a traced graph hides.
     dcfg = dataclasses.replace(r.distill, feature_weight=0.0)
@@ -356,7 +357,13 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
         "macs": count_macs(model, size),
         "macs_input": list(size),
         "train_time_s": ft["time_s"],
-        "qat": {**QAT_SCHEME, "steps": ft["steps"], "distilled": ft["distilled"], "bn_folded_here": not folded},
+        "qat": {
+            **QAT_SCHEME,
+            "steps": ft["steps"],
+            "distilled": ft["distilled"],
+            "bn_folded_here": not folded,
+            "output_stride": qat.output_stride,
+        },
         "metrics_float": float_metrics,
         "metrics_fake_quant_before_training": before,
         "metrics": metrics,

@@ -135,6 +135,9 @@ class DeployConfig:
     calibration_batches: int = 20  # frozen-gate: training batches averaged into the frozen gates
     finetune_steps: int = 0  # frozen-gate: brief fine-tune with the gates frozen, before folding
     finetune_lr: float = 2.0e-4
+    # Where the exported graph ends: 1 = outputs at the input size; 4 = the heads' stride-4 maps, upsampled
+    # by the host (students only; validation upsamples them exactly as the graph would, and times it apart).
+    output_stride: Literal[1, 4] = 1
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgemt.errors import DataError
@@ -26,7 +27,31 @@ from edgemt.tasks import Task, get_task
 from .latency import onnx_peak_memory
 from .onnx import decode_metadata
 
-__all__ = ["OnnxRuntimeModel", "TorchModel", "StaticShapeRuntime", "as_runtime"]
+__all__ = ["OnnxRuntimeModel", "TorchModel", "StaticShapeRuntime", "as_runtime", "outputs_at_input_size"]
+
+
+def outputs_at_input_size(outputs: dict[str, np.ndarray], size: Sequence[int]) -> dict[str, np.ndarray]:
+    """Raw outputs upsampled to ``size`` (H, W) where a graph ended early (``deploy.output_stride`` > 1).
+
+    The same bilinear resize (half-pixel centres, ``align_corners=False``) the
+    model would have run as its last op, done on the host; outputs already at
+    ``size`` pass through untouched.
+
+    Raises:
+        DataError: an output whose size is not ``size`` divided by a whole stride.
+    """
+    h, w = int(size[0]), int(size[1])
+    out = {}
+    for name, arr in outputs.items():
+        oh, ow = arr.shape[-2:]
+        if (oh, ow) == (h, w):
+            out[name] = arr
+            continue
+        if oh < 1 or ow < 1 or h % oh or w % ow or h // oh != w // ow:
+            raise DataError(f"output {name!r} is {oh}x{ow}: not the input size {h}x{w} divided by a whole stride")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        out[name] = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False).numpy()
+    return out
 
 
 class StaticShapeRuntime:

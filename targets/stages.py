@@ -22,7 +22,7 @@ from edgemt.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from edgemt.errors import ConfigError
 from edgemt.evaluate import metric_options
 from edgemt.io import file_hash, read_json, read_manifest, write_json
-from edgemt.models import load_model
+from edgemt.models import graph_output_stride, load_model
 from edgemt.models.profile import count_macs
 from edgemt.pipeline import StageContext, registry
 from edgemt.targets.registry import get_target
@@ -161,6 +161,13 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 extra={"target": name, "precision": spec.precision, "source_stage": model_dir.name},
             )
             kwargs: dict[str, Any] = {}
+            stride = recipe.deploy.output_stride
+            if stride != 1:
+                meta["output_stride"] = str(stride)
+                meta["outputs"] = (
+                    f"raw (before activation) at 1/{stride} of the input size; upsample bilinearly (half-pixel "
+                    "centres) to the input size, then apply edgemt.tasks.activate"
+                )
             if spec.needs_calibration:
                 if calibration is None:
                     calibration = _calibration_images(recipe, size)
@@ -173,22 +180,29 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                     from edgemt.compress.qat import load_qat
 
                     qat = load_qat(model_dir)[1]
+                if qat.output_stride != stride:
+                    raise ConfigError(
+                        f"the QAT graph in {model_dir} ends at output stride {qat.output_stride}, deploy.output_stride "
+                        f"is {stride}: rerun the qat stage"
+                    )
                 kwargs["qat"] = qat
-            spec.export(
-                target_model,
-                path,
-                input_size=size,
-                metadata=meta,
-                opset=recipe.export.opset,
-                batch=recipe.export.batch,
-                **kwargs,
-            )
+            with graph_output_stride(target_model, stride):
+                spec.export(
+                    target_model,
+                    path,
+                    input_size=size,
+                    metadata=meta,
+                    opset=recipe.export.opset,
+                    batch=recipe.export.batch,
+                    **kwargs,
+                )
             size_bytes = artifact_size(path)
             results[name] = {
                 "status": "exported",
                 "path": str(path.relative_to(ctx.stage_dir)),
                 "size_bytes": size_bytes,
                 "deploy_form": form,
+                "output_stride": stride,
                 "export_s": round(time.perf_counter() - t0, 2),
             }
             if note:
@@ -367,6 +381,19 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
         f"Validation split: {len(val_set)} images of {recipe.data.root}; latency at batch 1 with "
         f"{recipe.validate.threads} thread(s), {recipe.validate.warmup} warm-up + {recipe.validate.runs} timed runs."
     )
+    host_up = {
+        r["target"]: r["latency"]["host_upsample_ms"]
+        for r in summary["targets"]
+        if "host_upsample_ms" in (r.get("latency") or {})
+    }
+    if host_up:
+        summary["notes"].append(
+            f"The exported graphs end at the heads' stride (deploy.output_stride {recipe.deploy.output_stride}): "
+            "their latency excludes the last bilinear upsampling to the input size, which the host does (accuracy "
+            "and parity are measured after it). Host upsampling in PyTorch, 1 thread, median ms: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in host_up.items())
+            + "."
+        )
     if "edge" in recipe.data.tasks:
         summary["notes"].append(
             "Boundary odsF is the Python protocol (NMS + one-to-one matching within maxDist), not MATLAB SEISM."
@@ -386,7 +413,7 @@ def _report_figures(recipe: Recipe, summary: dict[str, Any], val_set, validate_d
     from edgemt.metrics import delta_m
     from edgemt.targets.latency import measure_latency
     from edgemt.targets.report_html import accuracy_latency_png, predictions_png
-    from edgemt.targets.runtime import TorchModel
+    from edgemt.targets.runtime import TorchModel, outputs_at_input_size
     from edgemt.tasks import activate
 
     tasks = val_set.resolved_tasks()
@@ -433,7 +460,7 @@ def _report_figures(recipe: Recipe, summary: dict[str, Any], val_set, validate_d
         if r.get("status") != "passed" or not spec.runs_here or "path" not in info:
             continue
         runtime = spec.load(export_dir / info["path"], threads=threads, target=r["target"])
-        outs = [runtime.run(images[i : i + 1]) for i in range(n)]
+        outs = [outputs_at_input_size(runtime.run(images[i : i + 1]), images.shape[-2:]) for i in range(n)]
         preds = {
             t.name: activate(t, torch.from_numpy(np.concatenate([o[t.name] for o in outs]))).numpy() for t in tasks
         }

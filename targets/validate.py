@@ -38,9 +38,10 @@ cropped back before metrics and parity, so padding never counts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from edgemt.errors import ConfigError
 from edgemt.tasks import Task, activate
 
 from .latency import measure_latency, peak_rss_mb
-from .runtime import as_runtime
+from .runtime import as_runtime, outputs_at_input_size
 
 __all__ = ["PARITY_KEYS", "validate_runtime", "parity_reasons", "ParityMeter"]
 
@@ -179,6 +180,16 @@ def _tile(x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
     return np.repeat(x, fixed_batch, axis=0) if fixed_batch and fixed_batch > 1 else x
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _run_batch1(runtime: Any, x: np.ndarray, fixed_batch: int | None) -> dict[str, np.ndarray]:
     """Outputs of one image, even through an artifact with a fixed batch > 1."""
     out = runtime.run(_tile(x, fixed_batch))
@@ -292,6 +303,10 @@ def validate_runtime(
             first_input = x
         raw_rt = _run_batch1(runtime, x, fixed_batch)
         raw_pt = ref.run(x)
+        graph_size = {tuple(v.shape[-2:]) for v in raw_rt.values()}
+        # A graph that ends at the heads' stride (deploy.output_stride): the host upsamples, as the model would.
+        raw_rt = outputs_at_input_size(raw_rt, x.shape[-2:])
+        raw_pt = outputs_at_input_size(raw_pt, x.shape[-2:])
         labels = _batch_labels(sample, tasks)
         act_rt, act_pt = {}, {}
         for t in tasks:
@@ -318,6 +333,16 @@ def validate_runtime(
     latency = measure_latency(lambda: runtime.run(lat_input), warmup=cfg.warmup, runs=cfg.runs)
     threads = getattr(runtime, "threads", None)
     latency["threads"] = threads if threads is not None else cfg.threads
+    if graph_size != {tuple(first_input.shape[-2:])}:
+        # Outputs end at a coarser stride; the latency above is the graph's. The host's upsampling
+        # (torch, one thread) is timed apart: an app may do it on a GPU, or only where it needs it.
+        raw = _run_batch1(runtime, first_input, fixed_batch)
+        with _one_thread():
+            up = measure_latency(
+                lambda: outputs_at_input_size(raw, first_input.shape[-2:]), warmup=2, runs=max(3, cfg.runs // 3)
+            )
+        latency["output_size"] = [list(s) for s in sorted(graph_size)]
+        latency["host_upsample_ms"] = up["median_ms"]
     latency["batch"] = int(lat_input.shape[0])
     latency["input_size"] = list(first_input.shape[-2:])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgemt.cli import main
+from edgemt.targets.onnx import read_onnx_metadata
 from tests.fixtures import write_nyud_fixture
 
 VERBS = [
@@ -364,6 +365,7 @@ def test_prune_and_qat_stages_between_student_and_export(tmp_path: Path, capsys)
             4,
             "pipeline=[data, teacher, student, prune, reparam, qat, export, validate, report]",
             "export.targets=[onnx-fp32, onnx-int8]",
+            "deploy.output_stride=4",  # the graphs end at the heads; validation upsamples on the host
             "qat.steps=3",
             "prune.macs_ratio=0.6",
             "prune.finetune_every=5",
@@ -373,7 +375,7 @@ def test_prune_and_qat_stages_between_student_and_export(tmp_path: Path, capsys)
             "validate.warmup=1",
         ),
     ]
-    assert main(args) == 0
+    code = main(args)
     out = capsys.readouterr().out
     assert "[prune] MACs" in out
     run = runs / "demo"
@@ -396,7 +398,19 @@ def test_prune_and_qat_stages_between_student_and_export(tmp_path: Path, capsys)
     assert rows["onnx-fp32"]["status"] == "passed"
     assert rows["onnx-int8"]["quantization_source"].startswith("qat: scales learned")
     assert rows["onnx-int8"]["status"] in ("passed", "failed_validation")  # 3 QAT steps: validated, not judged
+    assert code == (0 if rows["onnx-int8"]["status"] == "passed" else 1)
+    assert qat["qat"]["output_stride"] == 4
+    export = json.loads((run / "export" / "manifest.json").read_text())
+    for name in ("onnx-fp32", "onnx-int8"):
+        assert export["targets"][name]["output_stride"] == 4
+        meta = read_onnx_metadata(run / "export" / export["targets"][name]["path"])
+        assert meta["output_stride"] == 4 and "upsample" in meta["outputs"]
+        lat = rows[name]["latency"]
+        assert lat["output_size"] == [[16, 16]] and lat["host_upsample_ms"] > 0
+    # fp32 parity holds after the host's upsampling: it is the op the graph left out.
+    assert rows["onnx-fp32"]["parity"]["semseg"]["agreement"] == 1.0
     md = (run / "report" / "report.md").read_text()
+    assert "deploy.output_stride 4" in md
     assert "quantization: qat: scales learned by quantization-aware training" in md
     # A budget that cannot be met is a clear error naming the knobs.
     bad = [*args, "--set", "prune.max_ratio=0.05", "--set", "prune.max_steps=2"]

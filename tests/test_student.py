@@ -216,3 +216,44 @@ def test_onnx_export_matches(tmp_path, name, form):
     names = [o.name for o in sess.get_outputs()]
     for n, v in zip(names, got):
         np.testing.assert_allclose(v, ref[n].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_graph_output_stride_ends_at_the_heads_and_the_host_upsampling_is_exact(tmp_path):
+    from edgemt.models import graph_output_stride
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.runtime import OnnxRuntimeModel, outputs_at_input_size
+
+    torch.manual_seed(0)
+    model = create_model("student-xs", tasks=NYUD)
+    _randomize(model)
+    model.eval()
+    reparameterize(model, "factorized", input_size=(64, 96))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        full = model(x)
+        with graph_output_stride(model, 4):
+            quarter = model(x)
+        assert model.output_stride == 1  # restored
+        assert {k: tuple(v.shape[-2:]) for k, v in quarter.items()} == {t.name: (16, 24) for t in NYUD}
+        up = outputs_at_input_size({k: v.numpy() for k, v in quarter.items()}, (64, 96))
+    for k in full:
+        np.testing.assert_allclose(up[k], full[k].numpy(), atol=1e-5)
+    # The exported graph ends there too, and save/load of the model does not carry the export setting.
+    with graph_output_stride(model, 4):
+        path = export_onnx(model, tmp_path / "m.onnx", input_size=(64, 96))
+    rt = OnnxRuntimeModel(path)
+    assert {k: v.shape for k, v in rt.run(x[:1].numpy()).items()} == {t.name: (1, t.channels, 16, 24) for t in NYUD}
+    save_model(tmp_path / "saved", model)
+    assert load_model(tmp_path / "saved").output_stride == 1
+    with (
+        pytest.raises(ConfigError, match="deploy.output_stride.*stride \\[1, 4\\], not 8"),
+        graph_output_stride(model, 8),
+    ):
+        pass
+    baseline = create_model("baseline-s", tasks=NYUD)
+    with pytest.raises(ConfigError, match="not 4"), graph_output_stride(baseline, 4):
+        pass
+    from edgemt.errors import DataError
+
+    with pytest.raises(DataError, match="whole stride"):
+        outputs_at_input_size({"depth": np.zeros((1, 1, 15, 24), np.float32)}, (64, 96))

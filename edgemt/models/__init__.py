@@ -3,6 +3,7 @@
 from edgemt.models.registry import (
     MultiTaskModel,
     create_model,
+    graph_output_stride,
     list_models,
     load_model,
     model_from_arch,
@@ -13,6 +14,7 @@ from edgemt.models.registry import (
 __all__ = [
     "MultiTaskModel",
     "create_model",
+    "graph_output_stride",
     "list_models",
     "load_model",
     "model_from_arch",

@@ -8,8 +8,9 @@ which together with a safetensors state dict rebuilds it without pickle.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "model_from_arch",
     "save_model",
     "load_model",
+    "graph_output_stride",
 ]
 
 _REGISTRY: dict[str, Callable[..., MultiTaskModel]] = {}
@@ -38,6 +40,10 @@ class MultiTaskModel(nn.Module):
 
     # Set by create_model so that arch() can rebuild the model.
     registry_name: str = ""
+    # Strides the forward can end at: 1 = every output at the input size (the default); a model
+    # whose heads predict at a coarser stride may also return them there (see graph_output_stride).
+    output_strides: tuple[int, ...] = (1,)
+    output_stride: int = 1
     registry_kwargs: dict[str, Any]
 
     def __init__(self, tasks: Sequence[Task]) -> None:
@@ -65,6 +71,32 @@ class MultiTaskModel(nn.Module):
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward pass (e.g. load balancing); none by default."""
         return {}
+
+
+@contextlib.contextmanager
+def graph_output_stride(model: nn.Module, stride: int) -> Iterator[nn.Module]:
+    """While active, ``model`` returns its outputs at ``stride`` (1: the input size).
+
+    Exporters use it to end a deployment graph at the heads' own resolution,
+    leaving the last bilinear upsampling to the host (which may need only a
+    region, or upsample on a GPU texture); the artifact records the stride.
+
+    Raises:
+        ConfigError: the model cannot end at that stride.
+    """
+    stride = int(stride)
+    supported = tuple(getattr(model, "output_strides", (1,)))
+    if stride not in supported:
+        raise ConfigError(
+            f"deploy.output_stride: {type(model).__name__} ({getattr(model, 'registry_name', '')}) returns its "
+            f"outputs at stride {list(supported)}, not {stride}"
+        )
+    old = getattr(model, "output_stride", 1)
+    model.output_stride = stride
+    try:
+        yield model
+    finally:
+        model.output_stride = old
 
 
 def register_model(fn: Callable[..., MultiTaskModel]) -> Callable[..., MultiTaskModel]:

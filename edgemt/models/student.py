@@ -26,7 +26,11 @@ Architecture (DESIGN.md section 5):
   ``g_mix``).
 * **Heads** (per task): bilinear x2 to 1/4, plus the stride-4 skip,
   depthwise-separable conv (dw 3x3-BN-ReLU, pw 1x1-BN-ReLU), 1x1 prediction,
-  bilinear to the input size.
+  bilinear to the input size. With ``output_stride = 4`` (set by exporters
+  through :func:`edgemt.models.graph_output_stride`) the forward stops
+  before that last upsampling and returns the 1/4 maps: on the demo student
+  at 256x320 in ONNX Runtime int8, the four full-resolution upsamplings were
+  a quarter of the latency, and pruning cannot shrink them.
 
 Every op (conv, BN, ReLU, mean, linear, softmax, broadcast multiply, resize,
 add, concat) exports to ONNX, TFLite and Core ML; there is no data-dependent
@@ -407,6 +411,9 @@ class StudentMTL(MultiTaskModel):
         )
         self.balance_weight = float(balance_weight)
         self.last_features: dict[str, torch.Tensor] = {}
+        self.output_stride = 1
+
+    output_strides = (1, 4)
 
     def set_form(self, form: str) -> StudentMTL:
         """Switch every expert block to ``form`` (see the module docstring); returns self."""
@@ -434,7 +441,10 @@ class StudentMTL(MultiTaskModel):
         out = {}
         for t in self.task_names:
             h = F.interpolate(self.reduce[t](feats[t]), size=fine.shape[-2:], mode="bilinear", align_corners=False)
-            out[t] = F.interpolate(self.heads[t](h + fine), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            pred = self.heads[t](h + fine)
+            if self.output_stride == 1:
+                pred = F.interpolate(pred, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out[t] = pred
         return out
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
