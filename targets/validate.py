@@ -38,10 +38,9 @@ cropped back before metrics and parity, so padding never counts.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,7 @@ from edgemt.errors import ConfigError
 from edgemt.tasks import Task, activate
 
 from .latency import measure_latency, peak_rss_mb
-from .runtime import as_runtime, outputs_at_input_size
+from .runtime import _torch_threads, as_runtime, outputs_at_input_size
 
 __all__ = ["PARITY_KEYS", "validate_runtime", "parity_reasons", "ParityMeter"]
 
@@ -178,16 +177,6 @@ def _pad_to(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
 def _tile(x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
     # An artifact exported with a fixed batch > 1 only accepts that batch.
     return np.repeat(x, fixed_batch, axis=0) if fixed_batch and fixed_batch > 1 else x
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _run_batch1(runtime: Any, x: np.ndarray, fixed_batch: int | None) -> dict[str, np.ndarray]:
@@ -337,7 +326,7 @@ def validate_runtime(
         # Outputs end at a coarser stride; the latency above is the graph's. The host's upsampling
         # (torch, one thread) is timed apart: an app may do it on a GPU, or only where it needs it.
         raw = _run_batch1(runtime, first_input, fixed_batch)
-        with _one_thread():
+        with _torch_threads(1):
             up = measure_latency(
                 lambda: outputs_at_input_size(raw, first_input.shape[-2:]), warmup=2, runs=max(3, cfg.runs // 3)
             )

@@ -411,7 +411,6 @@ class StudentMTL(MultiTaskModel):
         )
         self.balance_weight = float(balance_weight)
         self.last_features: dict[str, torch.Tensor] = {}
-        self.output_stride = 1
 
     output_strides = (1, 4)
 
