@@ -9,8 +9,11 @@ the MACs pruned without fine-tuning cost 71 points of Δm with LAMP against 134
 with plain group magnitude), or ``magnitude`` or ``bn-scale``. The budget:
 
 * ``macs_ratio`` (keep this fraction of the model's MACs) or ``macs``
-  (absolute): counted after every step, so the result lands just under the
-  budget (steps are small: ``max_ratio / max_steps`` of the channels each);
+  (absolute): followed group by group, so the result lands just under the
+  budget (steps are small: ``max_ratio / max_steps`` of the channels each).
+  Conv and linear MACs are recomputed from the layers' widths after every
+  group (no forward pass); an exact ``count_macs`` confirms each decision.
+  Counting exactly after every group was 92% of the pruning time.
 * ``latency_ms``: ``latency_fn(model)`` measures the model on a local target
   (e.g. ONNX Runtime, 1 thread) every ``measure_every`` steps; pruning stops at
   the first measurement under the budget.
@@ -129,6 +132,58 @@ def _importance(name: str) -> Any:
     raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {name!r}")
 
 
+class _MacsEstimate:
+    """Conv and linear MACs from the layers' current widths, without a forward pass.
+
+    Pruning changes channel counts, never spatial sizes, so each layer's output
+    positions are recorded once (one forward with hooks) and its MACs are then
+    ``positions * out * in / groups * kernel``. ``count_macs`` (FlopCounterMode)
+    costs one slow dispatching forward a call, near a budget once per pruned
+    group; this estimate costs microseconds. It is kept honest by anchoring it to
+    an exact count: ``estimate = exact_at_anchor + (layers_now - layers_at_anchor)``,
+    so MACs that are not in conv or linear layers (matmuls in functional code) are
+    carried at their anchored value, and the budget decision is confirmed by an
+    exact count before pruning stops.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.layers: list[tuple[nn.Module, int]] = []
+        hooks = []
+
+        def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            positions = out.numel() // (out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1])
+            self.layers.append((mod, positions))
+
+        for mod in model.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                hooks.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.anchor_exact = 0
+        self.anchor_layers = 0
+
+    def layer_macs(self) -> int:
+        total = 0
+        for mod, positions in self.layers:
+            if isinstance(mod, nn.Conv2d):
+                kh, kw = mod.kernel_size
+                total += positions * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
+            else:
+                total += positions * mod.out_features * mod.in_features
+        return total
+
+    def anchor(self, exact: int) -> int:
+        self.anchor_exact, self.anchor_layers = int(exact), self.layer_macs()
+        return int(exact)
+
+    def estimate(self) -> int:
+        return self.anchor_exact + self.layer_macs() - self.anchor_layers
+
+
 def _pruner_class():
     import torch_pruning as tp
 
@@ -240,22 +295,26 @@ def prune_to_budget(
         from tqdm import tqdm
 
         bar = tqdm(total=max_steps, desc="prune", dynamic_ncols=True)
-    now = macs_before
+    est = _MacsEstimate(model, example)
+    now = est.anchor(macs_before)
     while not met and steps < max_steps:
         with _detached_gates(model, gates):
             # Group by group (interactive step): near a MACs budget, stop at the group that meets it, so
-            # one coarse step (few large groups, or LAMP's jumps) cannot overshoot the budget.
+            # one coarse step (few large groups, or LAMP's jumps) cannot overshoot the budget. The cheap
+            # estimate picks the group; an exact count confirms it (and re-anchors the estimate if not).
             for group in pruner.step(interactive=True):
                 group.prune()
-                if target_macs is not None and now < 1.5 * target_macs:
+                if target_macs is not None and est.estimate() <= target_macs:
                     for blk in _expert_blocks(model):
                         blk.sync_shapes()
-                    if count_macs(model, input_size) <= target_macs:
+                    if est.anchor(count_macs(model, input_size)) <= target_macs:
                         break
         steps += 1
         for blk in _expert_blocks(model):
             blk.sync_shapes()
-        now = count_macs(model, input_size)
+        now = est.estimate()
+        if target_macs is None or now <= 1.2 * target_macs or steps % 10 == 0:  # exact where it decides
+            now = est.anchor(count_macs(model, input_size))
         entry: dict[str, Any] = {"step": steps, "macs": now}
         if target_macs is not None:
             met = now <= target_macs
