@@ -184,21 +184,97 @@ class _MacsEstimate:
         return self.anchor_exact + self.layer_macs() - self.anchor_layers
 
 
+class _CostWeighted:
+    """A group importance divided by the group's cost per channel to the power ``alpha`` (latency-aware).
+
+    The cost of one channel of a group is what removing it saves, summed over the
+    group's conv and linear layers: the MACs (``positions * in / groups * k*k``
+    for a layer losing an output, ``positions * out * k*k`` for one losing an
+    input) plus ``element_weight * positions`` for every output activation it no
+    longer writes. Global ranking then trades a channel's importance against its
+    cost: channels of the full-resolution layers (stem, first block, heads), which
+    dominate int8 latency for few MACs, rank lower than their magnitude alone says.
+    """
+
+    def __init__(self, base: Any, positions: dict[nn.Module, int], alpha: float, element_weight: float) -> None:
+        self.base, self.positions, self.alpha, self.element_weight = base, positions, alpha, element_weight
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        import torch_pruning as tp
+
+        imp = self.base(group)
+        if imp is None:
+            return None
+        out_fns = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
+        cost = 0.0
+        for dep, _ in group:
+            layer, fn = dep.layer, dep.pruning_fn
+            pos = self.positions.get(layer)
+            if pos is None:
+                continue
+            k = layer.kernel_size[0] * layer.kernel_size[1] if isinstance(layer, nn.Conv2d) else 1
+            if fn in out_fns:
+                fan_in = layer.in_channels // layer.groups if isinstance(layer, nn.Conv2d) else layer.in_features
+                cost += pos * (fan_in * k + self.element_weight)
+            elif fn == tp.prune_conv_in_channels and layer.groups == 1:
+                cost += pos * layer.out_channels * k
+            elif fn == tp.prune_linear_in_channels:
+                cost += pos * layer.out_features
+        return imp / max(cost, 1.0) ** self.alpha
+
+
 def _pruner_class():
     import torch_pruning as tp
 
     class _Pruner(tp.pruner.MetaPruner):
-        """MetaPruner whose rounding keeps low-rank layers (below two width steps) at ``rank_round``."""
+        """MetaPruner whose rounding keeps low-rank layers (below two width steps) at ``rank_round``.
+
+        Wider layers round to ``round_to`` and keep at least ``min_channels``.
+        """
 
         rank_round = 2
+        min_channels = 8
 
         def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-            step = round_to if current_channels >= 2 * round_to else self.rank_round
+            wide = current_channels >= 2 * round_to
+            step = round_to if wide else self.rank_round
             keep = current_channels - n_pruned
             keep = max(step, keep - keep % step)
+            if wide:
+                keep = max(keep, min(current_channels, self.min_channels))
             return max(current_channels - keep, 0)
 
     return _Pruner
+
+
+def _prune_in_chunks(pruner: Any, group: Any, round_to: int, done: Callable[[], bool]) -> None:
+    """Prune ``group``'s channels a width step at a time, least important first, until ``done()``.
+
+    Near a budget one group can hold many channels (a whole width group falling
+    under the global threshold at once) and overshoot it by several percent;
+    taking it in steps of ``round_to`` (``rank_round`` for low-rank layers) stops
+    at the step that meets the budget. Groups with grouped channels (ch_groups > 1)
+    are pruned whole.
+    """
+    dep, idxs = group[0]
+    idxs = list(idxs)
+    module, fn = dep.target.module, dep.handler
+    width = pruner.DG.get_out_channels(module) if pruner.DG.is_out_channel_pruning_fn(fn) else None
+    if width is None or pruner._get_channel_groups(group) != 1:
+        group.prune()
+        return
+    step = round_to if width >= 2 * round_to else pruner.rank_round
+    if len(idxs) <= step:
+        group.prune()
+        return
+    while idxs:
+        part, idxs = idxs[:step], idxs[step:]
+        pruner.DG.get_pruning_group(module, fn, part).prune()
+        # The remaining channels' indices shift down past the ones just removed.
+        idxs = [i - sum(p < i for p in part) for i in idxs]
+        if done():
+            return
 
 
 def prune_to_budget(
@@ -216,6 +292,9 @@ def prune_to_budget(
     measure_every: int = 5,
     global_ranking: bool = True,
     importance: str = "lamp",
+    latency_weight: float = 0.0,
+    element_weight: float = 0.0,
+    min_channels: int = 16,
     finetune: Callable[[nn.Module, int], Any] | None = None,
     finetune_every: int = 0,
     progress: bool = False,
@@ -229,6 +308,11 @@ def prune_to_budget(
         latency_ms: stop when ``latency_fn(model)`` is at most this.
         max_steps, max_ratio: the pruning schedule: step i removes up to
             ``max_ratio * i / max_steps`` of the prunable channels (global ranking).
+        latency_weight, element_weight: rank channels by importance / cost ** latency_weight, the cost being
+            the MACs and ``element_weight`` x the activations one channel costs (see ``_CostWeighted``);
+            0 ranks by importance alone.
+        min_channels: no layer of ``2 * round_to`` channels or more goes below this many (int8 kernels
+            slow down on very thin layers: a stem of 8 channels ran slower than one of 16).
         finetune: called as ``finetune(model, round)`` every ``finetune_every`` steps.
 
     Returns:
@@ -270,13 +354,23 @@ def prune_to_budget(
         outs = [out[n] for n in names] if isinstance(out, dict) and names else list(out.values())
         return outs + list(gates)
 
+    if latency_weight < 0 or element_weight < 0 or min_channels < 1:
+        raise ConfigError(
+            "prune: latency_weight and element_weight must be >= 0 and min_channels >= 1 "
+            f"(got {latency_weight}, {element_weight}, {min_channels})"
+        )
+    est = _MacsEstimate(model, example)
+    imp = _importance(importance)
+    if latency_weight > 0:
+        imp = _CostWeighted(imp, dict(est.layers), latency_weight, element_weight)
     pruner_cls = _pruner_class()
     pruner_cls.rank_round = int(rank_round)
+    pruner_cls.min_channels = int(min_channels)
     with _detached_gates(model, gates):
         pruner = pruner_cls(
             model,
             example,
-            importance=_importance(importance),
+            importance=imp,
             global_pruning=global_ranking,
             pruning_ratio=max_ratio,
             iterative_steps=max_steps,
@@ -295,7 +389,6 @@ def prune_to_budget(
         from tqdm import tqdm
 
         bar = tqdm(total=max_steps, desc="prune", dynamic_ncols=True)
-    est = _MacsEstimate(model, example)
     now = est.anchor(macs_before)
     while not met and steps < max_steps:
         with _detached_gates(model, gates):
@@ -303,7 +396,10 @@ def prune_to_budget(
             # one coarse step (few large groups, or LAMP's jumps) cannot overshoot the budget. The cheap
             # estimate picks the group; an exact count confirms it (and re-anchors the estimate if not).
             for group in pruner.step(interactive=True):
-                group.prune()
+                if target_macs is not None and est.estimate() < 1.5 * target_macs:
+                    _prune_in_chunks(pruner, group, round_to, lambda: est.estimate() <= target_macs)
+                else:
+                    group.prune()
                 if target_macs is not None and est.estimate() <= target_macs:
                     for blk in _expert_blocks(model):
                         blk.sync_shapes()

@@ -153,6 +153,12 @@ class PruneConfig:
     # magnitude (group L2 norm), bn-scale (network slimming).
     importance: Literal["lamp", "magnitude", "bn-scale"] = "lamp"
     global_ranking: bool = True  # false: every layer loses the same fraction of channels
+    # Latency-aware ranking: importance / cost ** latency_weight, a channel's cost being the MACs plus
+    # element_weight x the output activations it saves (full-resolution layers cost more than their MACs
+    # say in int8). 0: importance alone.
+    latency_weight: float = 0.0
+    element_weight: float = 200.0
+    min_channels: int = 16  # layers of 2 * round_to channels or more keep at least this many
     max_steps: int = 100  # pruning schedule: step i removes up to max_ratio * i / max_steps of the channels
     max_ratio: float = 0.9
     round_to: int = 8  # widths round to multiples of this

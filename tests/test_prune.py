@@ -166,8 +166,41 @@ def test_finetune_runs_between_steps():
         ({"latency_ms": 3.0}, "needs a positive budget and a latency_fn"),
         ({"macs": 10**12}, "already has"),
         ({"macs_ratio": 0.5, "importance": "random"}, "importance must be one of"),
+        ({"macs_ratio": 0.5, "latency_weight": -1.0}, "latency_weight and element_weight must be >= 0"),
+        ({"macs_ratio": 0.5, "min_channels": 0}, "min_channels >= 1"),
     ],
 )
 def test_bad_budgets_are_clear_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         prune_to_budget(_student(), input_size=SIZE, **kw)
+
+
+def _full_res_widths(model) -> tuple[int, int, int]:
+    """Widths of the layers at 1/2 and 1/4 resolution: the stem, the first block, the heads' shared input."""
+    return (
+        model.backbone.conv_stem.out_channels,
+        model.backbone.blocks[0][0].conv.out_channels,
+        model.fine[0].out_channels,
+    )
+
+
+def test_latency_weight_moves_pruning_to_the_full_resolution_layers():
+    plain, weighted = _student(), _student()
+    a = prune_to_budget(plain, input_size=SIZE, macs_ratio=0.5)
+    b = prune_to_budget(weighted, input_size=SIZE, macs_ratio=0.5, latency_weight=1.0, element_weight=200.0)
+    assert a["met"] and b["met"]
+    # Same MACs budget; the cost-weighted ranking takes more of it from the few, costly, wide-activation
+    # channels at 1/2 and 1/4, and leaves more of the cheap 1/16 and 1/32 channels.
+    assert sum(_full_res_widths(weighted)) < sum(_full_res_widths(plain))
+    assert weighted.backbone.blocks[4][0].conv.out_channels > plain.backbone.blocks[4][0].conv.out_channels
+
+
+def test_min_channels_holds_every_wide_layer():
+    model = _student()
+    rec = prune_to_budget(model, input_size=SIZE, macs_ratio=0.3, latency_weight=1.0, min_channels=16)
+    assert rec["met"]
+    before = {n: m.out_channels for n, m in _student().named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and before[name] >= 16 and m not in ignored_layers(model):
+            assert m.out_channels >= 16, name
+    assert min(_full_res_widths(model)) == 16  # the costliest layers do go down to the floor
