@@ -18,6 +18,12 @@ with plain group magnitude), or ``magnitude`` or ``bn-scale``. The budget:
   (e.g. ONNX Runtime, 1 thread) every ``measure_every`` steps; pruning stops at
   the first measurement under the budget.
 
+``latency_weight > 0`` divides every group's importance by its cost per
+channel to that power (:class:`_CostWeighted`: MACs plus ``element_weight``
+times the activations written), so full-resolution layers, which dominate int8
+latency for few MACs, are pruned before the cheap low-resolution ones.
+``min_channels`` is the floor of every wide layer.
+
 ``finetune(model, round)`` is called every ``finetune_every`` steps (the
 pipeline stage distils from the teacher there), so the network recovers
 between steps instead of all at once at the end.
