@@ -114,16 +114,20 @@ def main() -> None:
                     if stride != qat_model.output_stride:
                         continue
                     path = export_onnx_int8(
-                        model, tmp / f"{label}-big.onnx", input_size=big, metadata={}, qat=qat_model
+                        model, tmp / f"{label}-big-s{stride}.onnx", input_size=big, metadata={}, qat=qat_model
                     )
                 else:
                     with graph_output_stride(model, stride):
                         if "int8" in label:
                             path = export_onnx_int8(
-                                model, tmp / f"{label}-big.onnx", input_size=big, metadata={}, calibration=big_calib
+                                model,
+                                tmp / f"{label}-big-s{stride}.onnx",
+                                input_size=big,
+                                metadata={},
+                                calibration=big_calib,
                             )
                         else:
-                            path = export_onnx(model, tmp / f"{label}-big.onnx", input_size=big)
+                            path = export_onnx(model, tmp / f"{label}-big-s{stride}.onnx", input_size=big)
                 big_files[label, stride] = (rows[-1], path)
 
         def time_big_files() -> None:
