@@ -153,12 +153,13 @@ class _MacsEstimate:
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
-        self.layers: list[tuple[nn.Module, int]] = []
+        # Output positions per layer, summed over its calls (a layer run twice costs twice).
+        self.positions: dict[nn.Module, int] = {}
         hooks = []
 
         def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
             positions = out.numel() // (out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1])
-            self.layers.append((mod, positions))
+            self.positions[mod] = self.positions.get(mod, 0) + positions
 
         for mod in model.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -174,7 +175,7 @@ class _MacsEstimate:
 
     def layer_macs(self) -> int:
         total = 0
-        for mod, positions in self.layers:
+        for mod, positions in self.positions.items():
             if isinstance(mod, nn.Conv2d):
                 kh, kw = mod.kernel_size
                 total += positions * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
@@ -240,14 +241,17 @@ def _pruner_class():
         """
 
         rank_round = 2
-        min_channels = 8
+        min_channels = 16
+
+        def width_step(self, channels: int, round_to: int) -> int:
+            """Channels removed at a time: ``round_to``, or ``rank_round`` below two width steps."""
+            return round_to if channels >= 2 * round_to else self.rank_round
 
         def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-            wide = current_channels >= 2 * round_to
-            step = round_to if wide else self.rank_round
+            step = self.width_step(current_channels, round_to)
             keep = current_channels - n_pruned
             keep = max(step, keep - keep % step)
-            if wide:
+            if current_channels >= 2 * round_to:  # a wide layer
                 keep = max(keep, min(current_channels, self.min_channels))
             return max(current_channels - keep, 0)
 
@@ -270,7 +274,7 @@ def _prune_in_chunks(pruner: Any, group: Any, round_to: int, done: Callable[[], 
     if width is None or pruner._get_channel_groups(group) != 1:
         group.prune()
         return
-    step = round_to if width >= 2 * round_to else pruner.rank_round
+    step = pruner.width_step(width, round_to)
     if len(idxs) <= step:
         group.prune()
         return
@@ -299,7 +303,7 @@ def prune_to_budget(
     global_ranking: bool = True,
     importance: str = "lamp",
     latency_weight: float = 0.0,
-    element_weight: float = 0.0,
+    element_weight: float = 200.0,
     min_channels: int = 16,
     finetune: Callable[[nn.Module, int], Any] | None = None,
     finetune_every: int = 0,
@@ -368,7 +372,7 @@ def prune_to_budget(
     est = _MacsEstimate(model, example)
     imp = _importance(importance)
     if latency_weight > 0:
-        imp = _CostWeighted(imp, dict(est.layers), latency_weight, element_weight)
+        imp = _CostWeighted(imp, est.positions, latency_weight, element_weight)
     pruner_cls = _pruner_class()
     pruner_cls.rank_round = int(rank_round)
     pruner_cls.min_channels = int(min_channels)
