@@ -368,7 +368,7 @@ def test_prune_and_qat_stages_between_student_and_export(tmp_path: Path, capsys)
             "deploy.output_stride=4",  # the graphs end at the heads; validation upsamples on the host
             "qat.steps=3",
             "prune.macs_ratio=0.6",
-            "prune.finetune_every=5",
+            "prune.finetune_rounds=1",
             "prune.finetune_steps=2",
             "prune.final_finetune_steps=2",
             "validate.runs=2",

@@ -157,10 +157,29 @@ def test_finetune_runs_between_steps():
     assert rec["finetune_rounds"] == len(seen) > 0 and [i for i, _ in seen] == list(range(len(seen)))
 
 
+def test_finetune_rounds_are_evenly_spaced_in_macs():
+    model = _student()
+    base = count_macs(model, SIZE)
+    at = []  # the model's MACs ratio at each fine-tune
+    rec = prune_to_budget(
+        model,
+        input_size=SIZE,
+        macs_ratio=0.4,
+        finetune=lambda m, i: at.append(count_macs(m, SIZE) / base),
+        finetune_rounds=2,
+    )
+    assert rec["met"] and rec["finetune_rounds"] == len(at) == 2
+    # marks at 0.8 and 0.6 of the MACs; each round runs after the first step below its mark, and a
+    # step moves the MACs by a few percent at most
+    assert 0.72 <= at[0] <= 0.8 and 0.52 <= at[1] <= 0.6, at
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
         ({}, "exactly one budget"),
+        ({"macs_ratio": 0.5, "finetune_every": 3, "finetune_rounds": 2}, "at most one of finetune_every"),
+        ({"latency_ms": 3.0, "latency_fn": lambda m: 1.0, "finetune_rounds": 2}, "needs a MACs budget"),
         ({"macs_ratio": 0.5, "macs": 10}, "exactly one budget"),
         ({"macs_ratio": 1.5}, r"must be in \(0, 1\)"),
         ({"latency_ms": 3.0}, "needs a positive budget and a latency_fn"),
