@@ -216,6 +216,30 @@ def test_tflite_int8_through_onnx2tf_passes_int8_parity(student, calibration, tm
     assert res["status"] == "passed", res["reasons"]
 
 
+@pytest.mark.slow
+def test_tflite_fp32_and_fp16_share_one_conversion_of_the_same_model(student, tmp_path, monkeypatch):
+    pytest.importorskip("litert_torch")
+    import copy
+
+    import edgemt.targets.tflite as tfl
+    from edgemt.targets.tflite import read_tflite_metadata
+
+    calls = []
+    real = tfl._litert_fp32
+    monkeypatch.setattr(tfl, "_litert_fp32", lambda *a: calls.append(1) or real(*a))
+    spec32, spec16 = get_target("tflite-fp32"), get_target("tflite-fp16")
+    cache: dict = {}
+    kw = {"input_size": (H, W), "metadata": _meta(student), "float_cache": cache}
+    f32 = spec32.export(student, tmp_path / "a.tflite", **kw)
+    f16 = spec16.export(student, tmp_path / "b.tflite", **kw)
+    assert len(calls) == 1
+    assert 0.4 < f16.stat().st_size / f32.stat().st_size < 0.6
+    assert read_tflite_metadata(f16)["quantization"]["format"] == "float16 weights"
+    other = copy.deepcopy(student)  # another model object is converted again, never served from the cache
+    spec16.export(other, tmp_path / "c.tflite", **kw)
+    assert len(calls) == 2
+
+
 def test_tflite_bad_requests_fail_clearly_and_write_nothing(student, tmp_path):
     pytest.importorskip("ai_edge_litert")
     from edgemt.targets.tflite import TFLiteExportError, TFLiteModel, export_tflite
