@@ -226,7 +226,8 @@ def load_qat(directory: str | Path) -> tuple[nn.Module, QATModel]:
         missing, extra = sorted(want - set(state))[:5], sorted(set(state) - want)[:5]
         raise DataError(
             f"{directory / QAT_FILE}: fake-quantization state does not fit the rebuilt graph "
-            f"(missing {missing}, unexpected {extra})"
+            f"(missing {missing}, unexpected {extra}); a QAT stage saved by another EdgeMT or torchao version "
+            "quantizes another set of ops: rerun the qat stage (edgemt pipeline <recipe> --force qat)"
         )
     qat.graph.load_state_dict(state, strict=False)
     qat.freeze_observers()

@@ -165,6 +165,9 @@ class PruneConfig:
     rank_round: int = 2  # low-rank expert ranks round to multiples of this
     measure_every: int = 5  # latency budget: pruning steps between measurements
     finetune_every: int = 0  # pruning steps between distillation fine-tunes (0: only once, at the end)
+    # Or (MACs budgets): this many fine-tunes, evenly spaced in MACs between the start and the budget, so the
+    # fine-tuning does not depend on how many steps a ranking takes.
+    finetune_rounds: int = 0
     finetune_steps: int = 100  # training steps of each fine-tune during pruning
     final_finetune_steps: int = 600  # distillation fine-tune after the budget is met
     finetune_lr: float = 1.0e-3
@@ -201,6 +204,8 @@ class ExportConfig:
     calibration_images: int = 64
     # TFLite converter: litert-torch (PyTorch -> TFLite) or onnx2tf (ONNX -> TF SavedModel -> TFLiteConverter).
     tflite_converter: Literal["litert-torch", "onnx2tf"] = "litert-torch"
+    # onnx-int8: precision of the conv that reads the image (float: the image is not quantized, for accuracy).
+    int8_input_conv: Literal["int8", "float"] = "int8"
 
 
 @dataclasses.dataclass

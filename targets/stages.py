@@ -143,6 +143,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
     calibration = None
     qat = None  # the QAT stage's graph, when the model comes from it and an int8 target wants it
+    tflite_float: dict = {}  # tflite-fp32 and tflite-fp16 share one litert-torch conversion
     for spec in specs:
         name = spec.name
         path = ctx.stage_dir / name / f"model{spec.suffix}"
@@ -172,8 +173,12 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 if calibration is None:
                     calibration = _calibration_images(recipe, size)
                 kwargs["calibration"] = calibration
+            if spec.format == "onnx" and spec.precision == "int8":
+                kwargs["input_conv"] = recipe.export.int8_input_conv
             if spec.format == "tflite":
                 kwargs["route"] = recipe.export.tflite_converter
+                if spec.precision in ("fp32", "fp16"):
+                    kwargs["float_cache"] = tflite_float
             source = _quantization_source(spec, model_dir, recipe)
             if spec.takes_qat and source.startswith("qat"):
                 if qat is None:
@@ -209,6 +214,10 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 results[name]["deploy_form_note"] = note
             if source:
                 results[name]["quantization_source"] = source
+            if spec.format == "onnx" and spec.precision == "int8":
+                from edgemt.targets.onnx import read_onnx_metadata
+
+                results[name]["input_conv"] = read_onnx_metadata(path).get("quantization", {}).get("input_conv")
             if spec.format == "tflite":
                 results[name]["converter"] = recipe.export.tflite_converter
             print(

@@ -146,6 +146,14 @@ def test_int8_file_from_qat_matches_the_fake_quantized_model(target, trained, tm
             zp_type[n.input[2]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in zp_type
         }
         assert w_types == {onnx.TensorProto.INT8}, w_types
+        # Residual and skip adds are quantized in and out (QLinearAdd in ONNX Runtime): no add of two
+        # feature maps reads another add's float output. (The gate path's small adds of a constant stay float.)
+        made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+        consts = set(zp_type) | {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+        adds = [n for n in proto.graph.node if n.op_type == "Add" and not consts & set(n.input)]
+        assert len(adds) >= 5  # the backbone's residual chain, the decoder blocks, the heads' skips
+        chained = [n.name for n in adds if "Add" in map(made_by.get, n.input)]
+        assert not chained, chained
         assert (
             path.stat().st_size
             < 0.5

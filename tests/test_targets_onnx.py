@@ -407,6 +407,58 @@ def test_onnx_int8_export_is_qdq_per_channel_and_close_to_fp32(tmp_path):
         assert err < 0.2, (t.name, err)
 
 
+def test_onnx_int8_input_conv_in_float_holds_the_dequantized_weights(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from edgemt.compress.reparam import reparameterize
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import read_onnx_metadata
+    from edgemt.targets.onnx_int8 import export_onnx_int8
+    from edgemt.targets.runtime import OnnxRuntimeModel
+    from edgemt.tasks import resolve_tasks
+
+    torch.manual_seed(0)
+    tasks = resolve_tasks(["semseg", "depth"], {"semseg": 5})
+    model = create_model("student-xs", tasks=tasks).eval()
+    reparameterize(model, "factorized", input_size=(64, 64))
+    calib = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(4)]
+    files = {
+        mode: export_onnx_int8(
+            model, tmp_path / f"{mode}.onnx", input_size=(64, 64), metadata={}, calibration=calib, input_conv=mode
+        )
+        for mode in ("int8", "float")
+    }
+    protos = {m: onnx.load(str(f)) for m, f in files.items()}
+    made_by = {m: {o: n for n in p.graph.node for o in n.output} for m, p in protos.items()}
+    inits = {m: {t.name: t for t in p.graph.initializer} for m, p in protos.items()}
+
+    def first_conv(m):
+        return next(n for n in protos[m].graph.node if n.op_type == "Conv" and n.name == first_name)
+
+    first_name = read_onnx_metadata(files["float"])["quantization"]["input_conv"]["node"]
+    q8, f32 = first_conv("int8"), first_conv("float")
+    assert made_by["int8"][q8.input[0]].op_type == "DequantizeLinear" and f32.input[0] == "image"
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "image" for n in protos["float"].graph.node)
+    # The float weights are the int8 file's weights, dequantized (per output channel).
+    dq = made_by["int8"][q8.input[1]]
+    q, scale = (numpy_helper.to_array(inits["int8"][dq.input[i]]).astype(np.float64) for i in (0, 1))
+    w = numpy_helper.to_array(inits["float"][f32.input[1]])
+    assert w.dtype == np.float32 and np.allclose(w, q * scale.reshape(-1, 1, 1, 1), rtol=0, atol=1e-7)
+    assert read_onnx_metadata(files["int8"])["quantization"]["input_conv"] == {"precision": "int8"}
+    # Both run and agree with each other within int8 error.
+    x = calib[0]
+    a, b = (OnnxRuntimeModel(files[m], threads=1).run(x) for m in ("int8", "float"))
+    for t in tasks:
+        err = np.abs(a[t.name] - b[t.name]).mean() / (np.abs(a[t.name]).mean() + 1e-6)
+        assert err < 0.1, (t.name, err)
+    with pytest.raises(ValueError, match="int8_input_conv must be one of"):
+        export_onnx_int8(
+            model, tmp_path / "x.onnx", input_size=(64, 64), metadata={}, calibration=calib, input_conv="fp16"
+        )
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_onnx_int8_without_calibration_fails_clearly(tmp_path):
     from edgemt.models import create_model
     from edgemt.targets.onnx import OnnxExportError
