@@ -75,6 +75,7 @@ def quantize_onnx_int8(
     *,
     per_channel: bool = True,
     extra_metadata: dict[str, Any] | None = None,
+    extra_quantization: dict[str, Any] | None = None,
 ) -> Path:
     """Quantize an fp32 ONNX file to int8 QDQ; ``calibration`` yields input batches of its fixed shape.
 
@@ -117,7 +118,12 @@ def quantize_onnx_int8(
         proto = onnx.load(str(q))
         meta.update({k: _encode(v) for k, v in (extra_metadata or {}).items()})
         meta["quantization"] = _encode(
-            {**QUANT_SCHEME, "calibration_images": reader.count, "float_output_resizes": len(exclude)}
+            {
+                **QUANT_SCHEME,
+                "calibration_images": reader.count,
+                "float_output_resizes": len(exclude),
+                **(extra_quantization or {}),
+            }
         )
         _save(proto, meta, out_path)
     return out_path
@@ -245,11 +251,12 @@ def export_onnx_int8(
     """
     if input_conv not in INPUT_CONV_CHOICES:
         raise ValueError(f"export.int8_input_conv must be one of {INPUT_CONV_CHOICES}, got {input_conv!r}")
-    path = _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat)
-    return choose_input_conv(path, input_conv)
+    # int8 (the default) is recorded at the first write; float rewrites the file once more.
+    path = _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat, {"precision": "int8"})
+    return choose_input_conv(path, "float") if input_conv == "float" else path
 
 
-def _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat) -> Path:
+def _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat, input_conv_record) -> Path:
     if qat is not None:
         from edgemt.compress.qat import QAT_SCHEME, ConvertedModel
 
@@ -260,6 +267,7 @@ def _export_int8(model, path, input_size, metadata, calibration, opset, batch, q
             "activations": "uint8, per-tensor, asymmetric (QAT's int8 zero points shifted by 128, exact)",
             "scales": "learned by QAT, kept as they are (weights requantized to 7 bits, see below)",
             "weights": "int8, per-channel, symmetric, 7-bit range (ORT's x86 U8S8 kernels without VNNI saturate)",
+            "input_conv": input_conv_record,
         }
         return export_onnx(
             ConvertedModel(qat, fold_weights=True),
@@ -276,7 +284,7 @@ def _export_int8(model, path, input_size, metadata, calibration, opset, batch, q
         fp32 = export_onnx(
             model, Path(tmp) / "fp32.onnx", input_size=input_size, batch=batch, opset=opset, metadata=metadata
         )
-        return quantize_onnx_int8(fp32, path, calibration)
+        return quantize_onnx_int8(fp32, path, calibration, extra_quantization={"input_conv": input_conv_record})
 
 
 def float_input_conv(proto: Any) -> str | None:
