@@ -223,3 +223,29 @@ def test_min_channels_holds_every_wide_layer():
         if isinstance(m, torch.nn.Conv2d) and before[name] >= 16 and m not in ignored_layers(model):
             assert m.out_channels >= 16, name
     assert min(_full_res_widths(model)) == 16  # the costliest layers do go down to the floor
+
+
+def test_round_to_16_keeps_every_pruned_width_on_the_16_grid():
+    # ONNX Runtime's x86 int8 kernels work in blocks of 16 channels; with round_to: 16 a pruned width must
+    # land on that grid. Layers of 24 to 31 channels are widths, not experts' ranks: they go to 16, not to
+    # 6 two channels at a time (what the rule "wide from 2 * round_to channels" did), and never below
+    # min_channels.
+    before = {n: m.out_channels for n, m in _student().named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+    def pruned_widths(**kw):
+        model = _student()
+        assert prune_to_budget(model, input_size=SIZE, macs_ratio=0.3, latency_weight=1.0, **kw)["met"]
+        return [
+            (name, before[name], m.out_channels)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)
+            and before[name] >= 16
+            and m.out_channels != before[name]
+            and m not in ignored_layers(model)
+        ]
+
+    on16 = pruned_widths(round_to=16)
+    assert len(on16) >= 5 and any(b == 24 for _, b, _ in on16)
+    assert all(a % 16 == 0 and a >= 16 for _, _, a in on16), on16
+    # With the default grid of 8 the same budget leaves pruned widths off the 16 grid.
+    assert any(a % 16 for _, _, a in pruned_widths())
