@@ -346,7 +346,7 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     opts = metric_options(r)
     float_metrics = evaluate(model, val_set, tasks, metric_options=opts, progress=ctx.progress)
     # The graph is traced where the exporters will end it (deploy.output_stride), so int8 targets ship it as trained.
-    qat = QATModel(model, size, output_stride=r.deploy.output_stride)
+    qat = QATModel(model, size, output_stride=r.deploy.output_stride, weight_bits=r.qat.weight_bits)
     before = evaluate(qat, val_set, tasks, metric_options=opts, progress=ctx.progress)  # fake-quant, untrained
     # Output distillation only: the feature adapters read the heads' inputs, which a traced graph hides.
     dcfg = dataclasses.replace(r.distill, feature_weight=0.0)
@@ -367,6 +367,7 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
             "distilled": ft["distilled"],
             "bn_folded_here": not folded,
             "output_stride": qat.output_stride,
+            "weight_bits": qat.weight_bits,
         },
         "metrics_float": float_metrics,
         "metrics_fake_quant_before_training": before,

@@ -183,6 +183,10 @@ class QATConfig:
 
     steps: int = 300  # distillation steps with fake quantization (batch size: distill.train.batch_size)
     lr: float = 1.0e-4
+    # Weight range learned: 7 keeps the int8 weights within [-63, 63], what ONNX Runtime's x86 int8 kernels
+    # without VNNI need, so the onnx-int8 file holds the learned weights as they are; 8 uses the full range
+    # (TFLite and Core ML keep it; onnx-int8 then requantizes it to 7 bits at export, a rounding QAT never saw).
+    weight_bits: Literal[7, 8] = 7
 
 
 @dataclasses.dataclass

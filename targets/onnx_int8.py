@@ -155,15 +155,24 @@ def weights_to_7bit(proto: Any) -> Any:
     range, results go wrong (measured on an AVX2 AMD EPYC: the normals of a QAT file 15% off the
     fake-quantized model with ORT's fusions on, 0.05% with them off). ORT's documented remedy is weights
     in 7 bits (``reduce_range``): ``q7 = round(q / 2)`` with twice the scale, at most half a new step
-    from the 8-bit value. Zero points of symmetric weights stay 0.
+    from the 8-bit value. Zero points of symmetric weights stay 0. Weights already within [-64, 63] (learned
+    so by QAT, ``qat.weight_bits: 7``) are left exactly as they are.
     """
     from onnx import TensorProto, numpy_helper
 
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     done: set[str] = set()
+    # Only the weights of the integer matrix kernels saturate; a quantized constant a Mul reads is left alone.
+    matrix_ops = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+    read_by: dict[str, set[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            read_by.setdefault(i, set()).add(n.op_type)
     for n in graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits or n.input[0] in done:
+            continue
+        if not read_by.get(n.output[0], set()) & matrix_ops:
             continue
         w = inits[n.input[0]]
         if w.data_type != TensorProto.INT8 or n.input[1] not in inits:
@@ -171,6 +180,9 @@ def weights_to_7bit(proto: Any) -> Any:
         if len(n.input) > 2 and n.input[2] in inits and np.any(numpy_helper.to_array(inits[n.input[2]])):
             continue  # not symmetric: leave it
         q = numpy_helper.to_array(w).astype(np.int16)
+        if q.size and q.min() >= -64 and q.max() <= 63:
+            done.add(n.input[0])
+            continue  # already in range (QAT with qat.weight_bits: 7): kept exactly as learned
         w.CopyFrom(numpy_helper.from_array(np.clip(np.round(q / 2.0), -64, 63).astype(np.int8), name=w.name))
         scale = inits[n.input[1]]
         s = numpy_helper.to_array(scale)
@@ -265,8 +277,19 @@ def _export_int8(model, path, input_size, metadata, calibration, opset, batch, q
             **QAT_SCHEME,
             "format": "QDQ",
             "activations": "uint8, per-tensor, asymmetric (QAT's int8 zero points shifted by 128, exact)",
-            "scales": "learned by QAT, kept as they are (weights requantized to 7 bits, see below)",
-            "weights": "int8, per-channel, symmetric, 7-bit range (ORT's x86 U8S8 kernels without VNNI saturate)",
+            "scales": (
+                "learned by QAT, kept as they are"
+                if getattr(qat, "weight_bits", 8) == 7
+                else "learned by QAT, kept as they are (weights requantized to 7 bits, see below)"
+            ),
+            "weights": (
+                "int8, per-channel, symmetric, 7-bit range (ORT's x86 U8S8 kernels without VNNI saturate); "
+                + (
+                    "learned in that range by QAT, exported as learned"
+                    if getattr(qat, "weight_bits", 8) == 7
+                    else "learned over the full int8 range, requantized to 7 bits at export"
+                )
+            ),
             "input_conv": input_conv_record,
         }
         return export_onnx(

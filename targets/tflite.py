@@ -46,6 +46,7 @@ buffer is the JSON of the same string map an ONNX artifact carries in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -129,8 +130,12 @@ def _batches(calibration: Sequence[np.ndarray], batch: int) -> Iterator[np.ndarr
 # ---------------------------------------------------------------- litert-torch route
 
 
-def _int8_quantizer(qat: bool = False) -> Any:
+def _int8_quantizer(qat: bool = False, weight_bits: int = 8) -> Any:
     """litert-torch's PT2EQuantizer (per-channel weights) that also pins softmax/sigmoid outputs.
+
+    ``weight_bits: 7`` keeps the symmetric weights within [-63, 63] (still int8 tensors): the range
+    ONNX Runtime's x86 int8 kernels without VNNI need (see ``weights_to_7bit``), so QAT learns the
+    weights that file will hold instead of having them rounded a second time at export.
 
     The stock annotator gives softmax its fixed output parameters only when the
     softmax input is itself annotated; a softmax over a slice of a linear
@@ -194,6 +199,11 @@ def _int8_quantizer(qat: bool = False) -> Any:
     # Stock observers: HistogramObserver for activations (measured on the demo student: 0.10 points of
     # Delta_m against fp32, MinMax 0.14), per-channel MinMax for weights.
     cfg = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
+    if weight_bits == 7:
+        limit = 2 ** (weight_bits - 1) - 1
+        cfg = dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, quant_min=-limit, quant_max=limit))
     return _Quantizer().set_global(cfg)
 
 

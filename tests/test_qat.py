@@ -13,7 +13,7 @@ pytest.importorskip("litert_torch")
 
 from edgemt.compress.qat import ConvertedModel, QATModel, is_qat_dir, load_qat, save_qat  # noqa: E402
 from edgemt.compress.reparam import reparameterize  # noqa: E402
-from edgemt.errors import DataError  # noqa: E402
+from edgemt.errors import ConfigError, DataError  # noqa: E402
 from edgemt.models import create_model  # noqa: E402
 from edgemt.targets.registry import get_target  # noqa: E402
 from edgemt.tasks import resolve_tasks  # noqa: E402
@@ -218,3 +218,55 @@ def test_qat_graph_at_output_stride_4_trains_at_full_size_and_ships_the_quarter_
 
     got = OnnxRuntimeModel(path).run(x[:1].numpy())
     assert {k: v.shape[-2:] for k, v in got.items()} == {n: (SIZE[0] // 4, SIZE[1] // 4) for n in NAMES}
+
+
+def _weight_constants(proto) -> dict[str, np.ndarray]:
+    """The int8 weights of the conv and matrix ops of an ONNX QDQ graph (the inputs of their DequantizeLinear)."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    read_by = {i: n.op_type for n in proto.graph.node for i in n.input}
+    return {
+        n.input[0]: numpy_helper.to_array(inits[n.input[0]]).copy()
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == TensorProto.INT8
+        and read_by.get(n.output[0]) in ("Conv", "Gemm", "MatMul")
+    }
+
+
+def test_qat_learns_7_bit_weights_that_the_onnx_file_keeps_as_learned(trained, tmp_path):
+    """qat.weight_bits: 7 (default) trains the weights in ONNX Runtime's x86 range; export rounds nothing again."""
+    import copy
+
+    import onnx
+
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.onnx_int8 import weights_to_7bit
+
+    qat, _, d = trained
+    assert qat.weight_bits == 7 and json.loads((d / "qat.json").read_text())["weight_bits"] == 7
+    assert load_qat(d)[1].weight_bits == 7
+    path = export_onnx(ConvertedModel(qat, fold_weights=True), tmp_path / "w7.onnx", input_size=SIZE, metadata={})
+    proto = onnx.load(str(path))
+    learned = _weight_constants(proto)
+    assert len(learned) > 20
+    assert max(int(np.abs(w).max()) for w in learned.values()) == 63  # per-channel min/max: the range is used
+    kept = _weight_constants(weights_to_7bit(copy.deepcopy(proto)))
+    assert all(np.array_equal(kept[k], w) for k, w in learned.items())
+
+    # The full int8 range (qat.weight_bits: 8) is requantized at export: a second rounding QAT never saw.
+    full = QATModel(_float_model(), SIZE, weight_bits=8)
+    with torch.no_grad():
+        full(torch.randn(2, 3, *SIZE))  # observe the weights' ranges
+    full.freeze_observers()
+    path8 = export_onnx(ConvertedModel(full, fold_weights=True), tmp_path / "w8.onnx", input_size=SIZE, metadata={})
+    proto8 = onnx.load(str(path8))
+    w8 = _weight_constants(proto8)
+    assert max(int(np.abs(w).max()) for w in w8.values()) == 127
+    w7 = _weight_constants(weights_to_7bit(proto8))
+    assert max(int(np.abs(w).max()) for w in w7.values()) <= 64
+    assert not all(np.array_equal(w7[k], w) for k, w in w8.items())
+    with pytest.raises(ConfigError, match="weight_bits must be 7 or 8, got 4"):
+        QATModel(_float_model(), SIZE, weight_bits=4)
