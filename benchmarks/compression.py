@@ -21,6 +21,13 @@ least 35%; QAT recovers at least half of the Delta_m that PTQ loses against
 the float model (or PTQ loses nothing).
 
     python benchmarks/compression.py --run runs/demo
+
+The goals are judged on a run with longer fine-tunes than the demo's 15-minute budget allows
+(about 20 minutes in all):
+
+    edgemt pipeline demo --until qat --set name=compression --set prune.finetune_steps=100 \
+        --set prune.final_finetune_steps=600 --set qat.steps=300
+    python benchmarks/compression.py --run runs/compression --rounds 6
 """
 
 from __future__ import annotations
