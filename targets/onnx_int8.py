@@ -37,7 +37,7 @@ __all__ = [
     "activations_to_uint8",
     "weights_to_7bit",
     "float_input_conv",
-    "choose_input_conv",
+    "input_conv_to_float",
     "INPUT_CONV_CHOICES",
     "QUANT_SCHEME",
 ]
@@ -259,19 +259,20 @@ def export_onnx_int8(
     activations), and no calibration runs.
 
     ``input_conv``: the precision of the conv that reads the image, ``int8`` or ``float``
-    (:func:`choose_input_conv`).
+    (:func:`input_conv_to_float`).
     """
     if input_conv not in INPUT_CONV_CHOICES:
         raise ValueError(f"export.int8_input_conv must be one of {INPUT_CONV_CHOICES}, got {input_conv!r}")
     # int8 (the default) is recorded at the first write; float rewrites the file once more.
     path = _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat, {"precision": "int8"})
-    return choose_input_conv(path, "float") if input_conv == "float" else path
+    return input_conv_to_float(path) if input_conv == "float" else path
 
 
 def _export_int8(model, path, input_size, metadata, calibration, opset, batch, qat, input_conv_record) -> Path:
     if qat is not None:
         from edgemt.compress.qat import QAT_SCHEME, ConvertedModel
 
+        learned_7bit = getattr(qat, "weight_bits", 8) == 7
         meta = dict(metadata)
         meta["quantization"] = {
             **QAT_SCHEME,
@@ -279,14 +280,14 @@ def _export_int8(model, path, input_size, metadata, calibration, opset, batch, q
             "activations": "uint8, per-tensor, asymmetric (QAT's int8 zero points shifted by 128, exact)",
             "scales": (
                 "learned by QAT, kept as they are"
-                if getattr(qat, "weight_bits", 8) == 7
+                if learned_7bit
                 else "learned by QAT, kept as they are (weights requantized to 7 bits, see below)"
             ),
             "weights": (
                 "int8, per-channel, symmetric, 7-bit range (ORT's x86 U8S8 kernels without VNNI saturate); "
                 + (
                     "learned in that range by QAT, exported as learned"
-                    if getattr(qat, "weight_bits", 8) == 7
+                    if learned_7bit
                     else "learned over the full int8 range, requantized to 7 bits at export"
                 )
             ),
@@ -379,29 +380,25 @@ def _drop_dead(graph: Any) -> None:
     graph.initializer.extend(keep)
 
 
-def choose_input_conv(path: str | Path, mode: str = "int8") -> Path:
-    """Set the precision of the int8 file's input conv (``int8`` or ``float``); returns ``path``.
+def input_conv_to_float(path: str | Path) -> Path:
+    """Rewrite the int8 file at ``path`` so its image conv runs in float; returns ``path``.
 
-    ``float`` runs the image conv in float (:func:`float_input_conv`), the usual first-layer exception
-    of int8 deployment, for accuracy: the image is not quantized and the conv's weights are the
-    dequantized int8 ones. Measured on this project's machine (AVX2, 1 thread, 256x320) it did not
-    pay in latency: 9.97 against 9.99 ms on the demo student, 7.07 against 6.92 ms pruned. The choice
-    goes into the ``quantization`` metadata entry (``input_conv``); the file is rewritten atomically.
+    The usual first-layer exception of int8 deployment, for accuracy (:func:`float_input_conv`): the
+    image is not quantized and the conv's weights are the dequantized int8 ones. Measured on this
+    project's machine (AVX2, 1 thread, 256x320) it did not pay in latency: 9.97 against 9.99 ms on the
+    demo student, 7.07 against 6.92 ms pruned. The ``quantization`` metadata entry records it
+    (``input_conv``); the file is rewritten atomically.
     """
     import json
 
     import onnx
 
-    if mode not in INPUT_CONV_CHOICES:
-        raise ValueError(f"export.int8_input_conv must be one of {INPUT_CONV_CHOICES}, got {mode!r}")
     path = Path(path)
     proto = onnx.load(str(path))
-    record: dict[str, Any] = {"precision": mode}
-    if mode == "float":
-        name = float_input_conv(proto)
-        if name is None:
-            raise OnnxExportError(f"{path.name}: no conv reads the quantized input image; cannot make it float")
-        record["node"] = name
+    name = float_input_conv(proto)
+    if name is None:
+        raise OnnxExportError(f"{path.name}: no conv reads the quantized input image; cannot make it float")
+    record = {"precision": "float", "node": name}
     meta = {p.key: p.value for p in proto.metadata_props}
     quant = json.loads(meta.get("quantization", "{}"))
     quant["input_conv"] = record
