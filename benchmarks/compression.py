@@ -13,7 +13,10 @@ the QAT graph with its learned scales), run by ONNX Runtime with 1 thread:
 Each is timed again at ``--latency-size`` (all files interleaved, ``--rounds``
 rounds, best round kept) twice: with the graph ending at the
 input size (output stride 1) and at the heads' stride 4
-(``deploy.output_stride: 4``: the host upsamples, as validation does).
+(``deploy.output_stride: 4``: the host upsamples, as validation does; the demo's
+deploy form). Every int8 file has its image conv in the precision the run's
+recipe exports (``export.int8_input_conv``, float by default; ``--int8-input-conv``
+overrides it).
 
 Goals (issue 6): pruning 50% of the MACs costs at most 1 point of Delta_m
 (against the unpruned student) and cuts ONNX Runtime int8 latency by at
@@ -27,7 +30,7 @@ The goals are judged on a run with longer fine-tunes than the demo's 15-minute b
 
     edgemt pipeline demo --until qat --set name=compression --set prune.finetune_steps=100 \
         --set prune.final_finetune_steps=600 --set qat.steps=300
-    python benchmarks/compression.py --run runs/compression --rounds 6
+    python benchmarks/compression.py --run runs/compression
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from edgemt.models import graph_output_stride, load_model
 from edgemt.models.profile import count_macs
 from edgemt.targets.latency import measure_latency
 from edgemt.targets.onnx import export_onnx
-from edgemt.targets.onnx_int8 import export_onnx_int8
+from edgemt.targets.onnx_int8 import INPUT_CONV_CHOICES, export_onnx_int8
 from edgemt.targets.runtime import OnnxRuntimeModel
 from edgemt.targets.stages import _calibration_images, eval_input_size
 from edgemt.targets.validate import validate_runtime
@@ -64,7 +67,13 @@ def main() -> None:
     ap.add_argument(
         "--latency-size", default="256x320", help="also time every model at this HxW (NYUD-v2's training size)"
     )
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds at --latency-size (best kept)")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds at --latency-size (best kept)")
+    ap.add_argument(
+        "--int8-input-conv",
+        choices=INPUT_CONV_CHOICES,
+        default=None,
+        help="precision of the image conv in every int8 file (default: the run's export.int8_input_conv)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "compression.json"))
     args = ap.parse_args()
     run = Path(args.run)
@@ -79,6 +88,7 @@ def main() -> None:
     cfg.runs, cfg.warmup = args.runs, 10
     opts = metric_options(recipe)
     calib = _calibration_images(recipe, size)
+    input_conv = args.int8_input_conv or recipe.export.int8_input_conv
 
     student = load_model(run / "student").eval()
     tasks = student.tasks
@@ -121,7 +131,12 @@ def main() -> None:
                     if stride != qat_model.output_stride:
                         continue
                     path = export_onnx_int8(
-                        model, tmp / f"{label}-big-s{stride}.onnx", input_size=big, metadata={}, qat=qat_model
+                        model,
+                        tmp / f"{label}-big-s{stride}.onnx",
+                        input_size=big,
+                        metadata={},
+                        qat=qat_model,
+                        input_conv=input_conv,
                     )
                 else:
                     with graph_output_stride(model, stride):
@@ -132,6 +147,7 @@ def main() -> None:
                                 input_size=big,
                                 metadata={},
                                 calibration=big_calib,
+                                input_conv=input_conv,
                             )
                         else:
                             path = export_onnx(model, tmp / f"{label}-big-s{stride}.onnx", input_size=big)
@@ -156,11 +172,15 @@ def main() -> None:
             measure(label, model, export_onnx(model, tmp / f"{label}.onnx", input_size=size), model)
             big_latency(label, model)
         for label, model in (("student int8 PTQ", shipped), ("pruned int8 PTQ", pruned)):
-            path = export_onnx_int8(model, tmp / f"{label}.onnx", input_size=size, metadata={}, calibration=calib)
+            path = export_onnx_int8(
+                model, tmp / f"{label}.onnx", input_size=size, metadata={}, calibration=calib, input_conv=input_conv
+            )
             measure(label, model, path, model)
             big_latency(label, model)
         if has_qat:
-            path = export_onnx_int8(qat_float, tmp / "qat.onnx", input_size=size, metadata={}, qat=qat)
+            path = export_onnx_int8(
+                qat_float, tmp / "qat.onnx", input_size=size, metadata={}, qat=qat, input_conv=input_conv
+            )
             measure("pruned int8 QAT", qat_float, path, qat_float)
             big_latency("pruned int8 QAT", qat_float, qat)
         time_big_files()
@@ -178,11 +198,15 @@ def main() -> None:
     int8_cut_big4 = 1.0 - big_lat["pruned int8 PTQ", 4] / big_lat["student int8 PTQ", 4]
     ptq_loss = -dm("pruned int8 PTQ", "pruned fp32")
     qat_loss = -dm("pruned int8 QAT", "pruned fp32") if has_qat else None
-    recovered = None if ptq_loss <= 0 or qat_loss is None else 1.0 - qat_loss / ptq_loss
+    # QAT that ends above the float model recovers all of PTQ's loss (the fraction caps at 1)
+    recovered = None if ptq_loss <= 0 or qat_loss is None else min(1.0, 1.0 - qat_loss / ptq_loss)
     summary = {
         "run": str(run),
         "input_size": list(size),
         "threads": 1,
+        "int8_input_conv": input_conv,
+        "deploy_output_stride": recipe.deploy.output_stride,
+        "timing_rounds": args.rounds,
         "rows": rows,
         "prune_macs_ratio": round(count_macs(pruned, size) / count_macs(shipped, size), 4),
         "prune_cost_delta_m_points": round(prune_cost, 3),
@@ -197,12 +221,15 @@ def main() -> None:
     print(
         f"ONNX Runtime int8 latency cut by pruning: {int8_cut:.1%} at {size[0]}x{size[1]}, "
         f"{int8_cut_big:.1%} at {args.latency_size}; {int8_cut_big4:.1%} at {args.latency_size} with the graphs "
-        "ending at the heads' stride 4 (deploy.output_stride: 4) (goal >= 35%)"
+        f"ending at the heads' stride 4 (deploy.output_stride: 4); image conv in {input_conv} (goal >= 35%; the "
+        f"run deploys at output stride {recipe.deploy.output_stride})"
     )
     if qat_loss is None:
         print(f"PTQ int8 loses {ptq_loss:+.2f} points; no qat stage in {run}")
     elif recovered is None:
         print(f"PTQ int8 loses {ptq_loss:+.2f} points (none to recover); QAT int8 loses {qat_loss:+.2f}")
+    elif qat_loss <= 0:
+        print(f"PTQ int8 loses {ptq_loss:.2f} points; QAT loses none (it gains {-qat_loss:.2f}): all recovered")
     else:
         print(f"PTQ int8 loses {ptq_loss:.2f} points, QAT {qat_loss:.2f}: QAT recovers {recovered:.0%} (goal >= 50%)")
     write_json(args.out, summary)
