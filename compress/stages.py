@@ -283,6 +283,7 @@ def prune_stage(ctx: StageContext) -> dict[str, Any]:
         latency_weight=cfg.latency_weight,
         element_weight=cfg.element_weight,
         min_channels=cfg.min_channels,
+        snap_to_grid=cfg.snap_to_grid,
         finetune=finetune if cfg.finetune_every > 0 or cfg.finetune_rounds > 0 else None,
         finetune_every=cfg.finetune_every,
         finetune_rounds=cfg.finetune_rounds,

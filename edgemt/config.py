@@ -166,6 +166,9 @@ class PruneConfig:
     # Widths round to multiples of this. 16 matches ONNX Runtime's int8 kernels on x86 (blocks of 16
     # channels: 56 channels ran slower than 64, 40 slower than 48); 8 keeps a finer MACs grid.
     round_to: int = 8
+    # Before ranking, bring widths the architecture set off that grid onto it (their least important
+    # channels go): a group the ranking never reaches (student-xs's 24-channel heads) would stay off it.
+    snap_to_grid: bool = False
     rank_round: int = 2  # low-rank expert ranks round to multiples of this
     measure_every: int = 5  # latency budget: pruning steps between measurements
     finetune_every: int = 0  # pruning steps between distillation fine-tunes (0: only once, at the end)

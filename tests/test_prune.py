@@ -249,3 +249,31 @@ def test_round_to_16_keeps_every_pruned_width_on_the_16_grid():
     assert all(a % 16 == 0 and a >= 16 for _, _, a in on16), on16
     # With the default grid of 8 the same budget leaves pruned widths off the 16 grid.
     assert any(a % 16 for _, _, a in pruned_widths())
+
+
+def test_snap_to_grid_brings_widths_the_ranking_leaves_alone_onto_the_grid():
+    # student-xs's heads are 24 channels wide; a mild budget never reaches them, so without snapping they
+    # stay off the 16 grid (the slow path of ONNX Runtime's int8 kernels). Snapping takes them to 16 first.
+    def off_grid(model):
+        return sorted(
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)
+            and m.out_channels >= 16
+            and m.out_channels % 16
+            and m not in ignored_layers(model)
+        )
+
+    plain, snapped = _student(), _student()
+    assert "fine.0" in off_grid(plain)
+    a = prune_to_budget(plain, input_size=SIZE, macs_ratio=0.9, round_to=16, latency_weight=0.5)
+    b = prune_to_budget(snapped, input_size=SIZE, macs_ratio=0.9, round_to=16, latency_weight=0.5, snap_to_grid=True)
+    assert a["met"] and b["met"] and a["snapped_to_grid"] == []
+    assert "fine.0" in off_grid(plain)
+    assert off_grid(snapped) == []
+    moved = {(m["from"], m["to"]) for m in b["snapped_to_grid"]}
+    assert moved == {(24, 16)} and len(b["snapped_to_grid"]) >= 5  # the skip group and each head's pointwise
+    assert snapped.fine[0].out_channels == 16 and snapped.heads["semseg"][0][0][0].out_channels == 16
+    assert _shapes(snapped(torch.randn(1, 3, *SIZE))) == _shapes(_student()(torch.randn(1, 3, *SIZE)))
+    # The snap counts toward the budget, which still lands within 5%.
+    assert 0.85 <= b["macs_ratio"] <= 0.9
