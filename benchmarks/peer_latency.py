@@ -4,8 +4,11 @@
 Measured in one run, 1 thread, batch 1, with ONNX Runtime (fp32; int8 static
 QDQ) and LiteRT (XNNPACK; fp32 and int8 through litert-torch's pt2e), both
 models calibrated on the same training images; for a run with a ``qat``
-stage, also the student's QAT int8 files (what the pipeline ships). Reports the student/peer
-latency ratio per runtime and precision (goal: at most 1.5x for all tasks
+stage, also the student's QAT int8 files (what the pipeline ships, with the
+recipe's ``export.int8_input_conv``), in the row of the output stride the QAT
+graph ends at. Student and peer are compared at full resolution (output
+stride 1); a run that deploys at ``deploy.output_stride: 4`` also gets a
+student row at that stride. Reports the student/peer latency ratio per runtime and precision (goal: at most 1.5x for all tasks
 against one), the int8/fp32 ratio per model and runtime (goal: at most 0.6),
 and, from the run's validation, the int8 accuracy drop in Delta_m against
 fp32 per runtime (goal: at most 1 point).
@@ -16,6 +19,7 @@ fp32 per runtime (goal: at most 1 point).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from edgemt.config import load_recipe
 from edgemt.data import build_dataset
 from edgemt.io import read_json
 from edgemt.metrics import delta_m
-from edgemt.models import load_model
+from edgemt.models import graph_output_stride, load_model
 from edgemt.models.profile import count_macs
 from edgemt.targets.latency import measure_latency
 from edgemt.targets.onnx import export_onnx
@@ -85,6 +89,7 @@ def main() -> None:
         from edgemt.compress.qat import load_qat
 
         qat_float, qat = load_qat(run / "qat")
+    stride = recipe.deploy.output_stride
     classes = next(t.channels for t in student.tasks if t.name == "semseg")
     peer = _Peer(classes).eval()
     rows = []
@@ -94,30 +99,44 @@ def main() -> None:
             size = tuple(int(v) for v in size_s.lower().split("x"))
             calib = _calibration(recipe, size, args.calibration_images)
             lat = {}
-            for name, model in (("student", student), ("peer", peer)):
+            # Student and peer both end at full resolution (output stride 1): the fair comparison. A run
+            # that deploys at stride 4 also gets a student row at that stride (its QAT graph ends there), whose
+            # latency excludes the host's last upsampling.
+            entries = [("student", student, 1), ("peer", peer, 1)]
+            if stride != 1:
+                entries.append((f"student, output stride {stride}", student, stride))
+            for name, model, s in entries:
                 files = {}
-                files["ort_fp32"] = export_onnx(model, tmp / f"{name}{size_s}.onnx", input_size=size)
-                files["ort_int8"] = quantize_onnx_int8(files["ort_fp32"], tmp / f"{name}{size_s}-int8.onnx", calib)
-                for p in ("fp32", "int8"):
-                    files[f"litert_{p}"] = export_tflite(
-                        model,
-                        tmp / f"{name}{size_s}-{p}.tflite",
-                        precision=p,
-                        input_size=size,
-                        calibration=calib if p == "int8" else None,
-                    )
-                if name == "student" and qat is not None:
+                tag = f"{name.split(',')[0]}{size_s}-s{s}"
+                with graph_output_stride(model, s) if name != "peer" else contextlib.nullcontext():
+                    files["ort_fp32"] = export_onnx(model, tmp / f"{tag}.onnx", input_size=size)
+                    files["ort_int8"] = quantize_onnx_int8(files["ort_fp32"], tmp / f"{tag}-int8.onnx", calib)
+                    for p in ("fp32", "int8"):
+                        files[f"litert_{p}"] = export_tflite(
+                            model,
+                            tmp / f"{tag}-{p}.tflite",
+                            precision=p,
+                            input_size=size,
+                            calibration=calib if p == "int8" else None,
+                        )
+                if name != "peer" and qat is not None and qat.output_stride == s:
                     files["ort_int8_qat"] = export_onnx_int8(
-                        qat_float, tmp / f"{name}{size_s}-qat.onnx", input_size=size, metadata={}, qat=qat
+                        qat_float,
+                        tmp / f"{tag}-qat.onnx",
+                        input_size=size,
+                        metadata={},
+                        qat=qat,
+                        input_conv=recipe.export.int8_input_conv,
                     )
                     files["litert_int8_qat"] = export_tflite(
-                        qat_float, tmp / f"{name}{size_s}-qat.tflite", precision="int8", input_size=size, qat=qat
+                        qat_float, tmp / f"{tag}-qat.tflite", precision="int8", input_size=size, qat=qat
                     )
                 lat[name] = {k: _latency(f, (1, 3, *size), args.runs) for k, f in files.items()}
                 row = {
                     "size": size_s,
                     "model": f"{model_dir.name} {getattr(model, 'registry_name', '')}".strip()
-                    if name == "student"
+                    + ("" if s == 1 else f", output stride {s}")
+                    if name != "peer"
                     else "lraspp_mobilenet_v3_large (semseg only)",
                     "tasks": len(model.tasks),
                     "GMACs": round(count_macs(model, size) / 1e9, 4),
@@ -130,8 +149,10 @@ def main() -> None:
                         row[f"{rt}_int8_qat_ms"] = round(lat[name][f"{rt}_int8_qat"], 3)
                         row[f"{rt} int8 QAT/fp32"] = round(lat[name][f"{rt}_int8_qat"] / lat[name][f"{rt}_fp32"], 3)
                 rows.append(row)
-            for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
-                rows[-2][f"student/peer {k}"] = round(lat["student"][k] / lat["peer"][k], 3)
+                if name == "peer":
+                    student_row = rows[-2]
+                    for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
+                        student_row[f"student/peer {k}"] = round(lat["student"][k] / lat["peer"][k], 3)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     summary: dict = {"rows": rows, "threads": 1, "runtimes": ["onnxruntime", "litert (xnnpack)"]}
     results = run / "validate" / "results.json"
