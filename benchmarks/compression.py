@@ -27,8 +27,9 @@ the float model (or PTQ loses nothing).
 
     python benchmarks/compression.py --run runs/demo
 
-The goals are judged on a run with longer fine-tunes than the demo's 15-minute budget allows
-(about 20 minutes in all):
+The goals are judged on a run with longer fine-tunes than the demo's 15-minute budget allows (a demo
+run met them too, but demo runs vary by several points of Delta_m); about 10 minutes on a 2-core
+AVX-512 EPYC, 20 on an older AVX2 one:
 
     edgemt pipeline demo --until qat --set name=compression --set prune.finetune_steps=100 \
         --set prune.final_finetune_steps=600 --set qat.steps=300
