@@ -161,14 +161,11 @@ def main() -> None:
             # the same two files measured a 27% and a 34% cut in two runs.
             files = {(label, "small"): path for label, path in small_files.items()}
             files.update({k: path for k, (_, path) in big_files.items()})
-            inputs = {
-                "small": np.zeros((1, 3, *size), dtype=np.float32),
-                "big": np.zeros((1, 3, *big), dtype=np.float32),
-            }
+            small_x, big_x = (np.zeros((1, 3, *hw), dtype=np.float32) for hw in (size, big))
             rts = {k: OnnxRuntimeModel(path, threads=1) for k, path in files.items()}
             for _ in range(args.rounds):
                 for k, rt in rts.items():
-                    x = inputs["small" if k[1] == "small" else "big"]
+                    x = small_x if k[1] == "small" else big_x
                     ms = measure_latency(lambda rt=rt, x=x: rt.run(x), warmup=5, runs=max(10, args.runs // 2))
                     best[k] = min(ms["median_ms"], best.get(k, float("inf")))
             for row in rows:
@@ -221,7 +218,7 @@ def main() -> None:
         "input_size": list(size),
         "threads": 1,
         "int8_input_conv": input_conv,
-        "deploy_output_stride": recipe.deploy.output_stride,
+        "deploy_output_stride": deploy_stride,
         "timing_rounds": args.rounds,
         "rows": rows,
         "prune_macs_ratio": round(count_macs(pruned, size) / count_macs(shipped, size), 4),
@@ -238,7 +235,7 @@ def main() -> None:
         f"ONNX Runtime int8 latency cut by pruning: {int8_cut:.1%} at {size[0]}x{size[1]} (output stride {deploy_stride}), "
         f"{int8_cut_big:.1%} at {args.latency_size}; {int8_cut_big4:.1%} at {args.latency_size} with the graphs "
         f"ending at the heads' stride 4 (deploy.output_stride: 4); image conv in {input_conv} (goal >= 35%; the "
-        f"run deploys at output stride {recipe.deploy.output_stride})"
+        f"run deploys at output stride {deploy_stride})"
     )
     if qat_loss is None:
         print(f"PTQ int8 loses {ptq_loss:+.2f} points; no qat stage in {run}")

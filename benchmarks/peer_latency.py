@@ -102,13 +102,13 @@ def main() -> None:
             # Student and peer both end at full resolution (output stride 1): the fair comparison. A run
             # that deploys at stride 4 also gets a student row at that stride (its QAT graph ends there), whose
             # latency excludes the host's last upsampling.
-            entries = [("student", student, 1), ("peer", peer, 1)]
-            if stride != 1:
-                entries.append((f"student, output stride {stride}", student, stride))
-            for name, model, s in entries:
+            entries = [("student", 1), ("peer", 1)] + ([("student", stride)] if stride != 1 else [])
+            row_of = {}
+            for name, s in entries:
+                model = student if name == "student" else peer
                 files = {}
-                tag = f"{name.split(',')[0]}{size_s}-s{s}"
-                with graph_output_stride(model, s) if name != "peer" else contextlib.nullcontext():
+                tag = f"{name}{size_s}-s{s}"
+                with graph_output_stride(model, s) if name == "student" else contextlib.nullcontext():
                     files["ort_fp32"] = export_onnx(model, tmp / f"{tag}.onnx", input_size=size)
                     files["ort_int8"] = quantize_onnx_int8(files["ort_fp32"], tmp / f"{tag}-int8.onnx", calib)
                     for p in ("fp32", "int8"):
@@ -119,7 +119,7 @@ def main() -> None:
                             input_size=size,
                             calibration=calib if p == "int8" else None,
                         )
-                if name != "peer" and qat is not None and qat.output_stride == s:
+                if name == "student" and qat is not None and qat.output_stride == s:
                     files["ort_int8_qat"] = export_onnx_int8(
                         qat_float,
                         tmp / f"{tag}-qat.onnx",
@@ -131,28 +131,28 @@ def main() -> None:
                     files["litert_int8_qat"] = export_tflite(
                         qat_float, tmp / f"{tag}-qat.tflite", precision="int8", input_size=size, qat=qat
                     )
-                lat[name] = {k: _latency(f, (1, 3, *size), args.runs) for k, f in files.items()}
+                lat[name, s] = {k: _latency(f, (1, 3, *size), args.runs) for k, f in files.items()}
+                t = lat[name, s]
                 row = {
                     "size": size_s,
                     "model": f"{model_dir.name} {getattr(model, 'registry_name', '')}".strip()
                     + ("" if s == 1 else f", output stride {s}")
-                    if name != "peer"
+                    if name == "student"
                     else "lraspp_mobilenet_v3_large (semseg only)",
                     "tasks": len(model.tasks),
                     "GMACs": round(count_macs(model, size) / 1e9, 4),
                 }
                 for rt in ("ort", "litert"):
-                    row[f"{rt}_fp32_ms"] = round(lat[name][f"{rt}_fp32"], 3)
-                    row[f"{rt}_int8_ms"] = round(lat[name][f"{rt}_int8"], 3)
-                    row[f"{rt} int8/fp32"] = round(lat[name][f"{rt}_int8"] / lat[name][f"{rt}_fp32"], 3)
-                    if f"{rt}_int8_qat" in lat[name]:
-                        row[f"{rt}_int8_qat_ms"] = round(lat[name][f"{rt}_int8_qat"], 3)
-                        row[f"{rt} int8 QAT/fp32"] = round(lat[name][f"{rt}_int8_qat"] / lat[name][f"{rt}_fp32"], 3)
+                    row[f"{rt}_fp32_ms"] = round(t[f"{rt}_fp32"], 3)
+                    row[f"{rt}_int8_ms"] = round(t[f"{rt}_int8"], 3)
+                    row[f"{rt} int8/fp32"] = round(t[f"{rt}_int8"] / t[f"{rt}_fp32"], 3)
+                    if f"{rt}_int8_qat" in t:
+                        row[f"{rt}_int8_qat_ms"] = round(t[f"{rt}_int8_qat"], 3)
+                        row[f"{rt} int8 QAT/fp32"] = round(t[f"{rt}_int8_qat"] / t[f"{rt}_fp32"], 3)
                 rows.append(row)
-                if name == "peer":
-                    student_row = rows[-2]
-                    for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
-                        student_row[f"student/peer {k}"] = round(lat["student"][k] / lat["peer"][k], 3)
+                row_of[name, s] = row
+            for k in ("ort_fp32", "ort_int8", "litert_fp32", "litert_int8"):
+                row_of["student", 1][f"student/peer {k}"] = round(lat["student", 1][k] / lat["peer", 1][k], 3)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     summary: dict = {"rows": rows, "threads": 1, "runtimes": ["onnxruntime", "litert (xnnpack)"]}
     results = run / "validate" / "results.json"
