@@ -235,3 +235,37 @@ def test_conv_tap_variant_trains_and_exports(tmp_path, stride: int, fine_skip: b
     with torch.no_grad():
         ref = m(x)
     assert max(abs(got[k] - ref[k].numpy()).max() for k in ref) <= 1e-4
+
+
+@pytest.mark.parametrize(("name", "conv_first"), [("taskexpert-conv-m", False), ("taskexpert-conv-fast", True)])
+def test_head_conv_first_convolves_on_the_token_grid(tmp_path, name: str, conv_first: bool) -> None:
+    """head_conv_first: each head's stage conv runs on the 1/8 memory grid, then upsamples to 1/4."""
+    from edgemt.models import create_model
+    from edgemt.targets.onnx import export_onnx
+    from edgemt.targets.runtime import OnnxRuntimeModel
+
+    torch.manual_seed(0)
+    m = create_model(name, tasks=_tasks(NYUD), img_size=(32, 48))
+    convs = [mod for mod in m.heads["depth"].body.modules() if isinstance(mod, torch.nn.Conv2d)]
+    seen: list[tuple[int, int]] = []
+    hooks = [c.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[-2:]))) for c in convs]
+    x = _images(2)[..., :32, :48]
+    out = m(x)
+    for h in hooks:
+        h.remove()
+    # 32x48 at stride 8: a 4x6 memory grid; the heads end at 1/4 (8x12).
+    assert seen == ([(4, 6), (8, 12)] if conv_first else [(8, 12), (8, 12)])
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == dict.fromkeys(NYUD, (32, 48))
+    sum(v.mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in m.heads.parameters())
+    m.eval()
+    path = export_onnx(m, tmp_path / "te.onnx", input_size=(32, 48))
+    got = OnnxRuntimeModel(path).run(x[:1].numpy())
+    with torch.no_grad():
+        ref = m(x[:1])
+    assert max(abs(got[k] - ref[k].numpy()).max() for k in ref) <= 1e-4
+
+
+def test_head_conv_first_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="head_conv_first"):
+        _model(head_conv_first="yes")

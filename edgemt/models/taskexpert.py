@@ -43,7 +43,9 @@ paper specifies, and what this module chose where the text leaves room:
   predictions; InvPT/TaskPrompter-style heads). Chosen: per task, two stages
   of bilinear x2 + 3x3 conv-BN-GELU (1/16 -> 1/8 -> 1/4, widths
   ``head_channels``), a 3x3 conv-BN-GELU and a 1x1 prediction at 1/4, then
-  bilinear upsampling to the input size.
+  bilinear upsampling to the input size. ``head_conv_first`` (not in the
+  paper; used by ``taskexpert-conv-fast``) swaps each stage to conv on the
+  coarser grid, then bilinear x2: a quarter of the stage's work.
 * **Load balancing** (paper: none that we know of). ``balance_weight`` adds a
   CV^2 importance term like MLoRE's; default 0 (off).
 * **Widths** (open). Expert/memory width C: 768 for ViT-L and ViT-B, 384 for
@@ -80,6 +82,7 @@ __all__ = [
     "taskexpert_tiny",
     "taskexpert_conv_s",
     "taskexpert_conv_m",
+    "taskexpert_conv_fast",
 ]
 
 EXPERT_TYPES = ("linear", "mlp")
@@ -230,15 +233,27 @@ class TaskExpertHead(nn.Module):
     conv-BN-GELU and a 1x1 prediction conv at 1/4 (InvPT-style).
     """
 
-    def __init__(self, width: int, channels: int, head_channels: Sequence[int], upsample_stages: int = 2) -> None:
+    def __init__(
+        self,
+        width: int,
+        channels: int,
+        head_channels: Sequence[int],
+        upsample_stages: int = 2,
+        conv_first: bool = False,
+    ) -> None:
         super().__init__()
+        if conv_first not in (True, False):
+            raise ConfigError(f"head_conv_first: expected true or false, got {conv_first!r}")
         c1, c2 = (int(c) for c in head_channels)
         # One bilinear x2 + conv stage per octave from the feature grid to 1/4 (2 from a ViT's 1/16).
+        # conv_first runs each stage's conv before its upsampling, on the coarser grid (a quarter of
+        # the work; the CPU-scale teachers use it).
         widths = [c1, c2][-upsample_stages:] if upsample_stages else []
         layers: list[nn.Module] = []
         cin = width
         for cout in widths:
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_gelu(cin, cout)]
+            up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            layers += [_conv_bn_gelu(cin, cout), up] if conv_first else [up, _conv_bn_gelu(cin, cout)]
             cin = cout
         layers.append(_conv_bn_gelu(cin, c2))
         self.body = nn.Sequential(*layers)
@@ -274,6 +289,8 @@ class TaskExpert(MultiTaskModel):
         fine_skip: conv backbone only, and NOT in the paper: each head adds a 1x1
             projection of the encoder's stride-4 features at 1/4, for boundary detail
             that a 1/8 token grid cannot carry (the CPU-scale variant uses it).
+        head_conv_first: NOT in the paper: each head stage convolves on the coarser grid and
+            then upsamples (default: upsample, then convolve, InvPT-style).
 
     After each forward (outside export/compilation) the model keeps, detached:
     ``last_gates[layer][task]`` ``(B, E[+1], h|1, w|1)`` (memory entry last),
@@ -300,6 +317,7 @@ class TaskExpert(MultiTaskModel):
         head_channels: Sequence[int] | None = None,
         balance_weight: float = 0.0,
         fine_skip: bool = False,
+        head_conv_first: bool = False,
     ) -> None:
         super().__init__(tasks)
         if memory_init not in MEMORY_INITS:
@@ -340,7 +358,10 @@ class TaskExpert(MultiTaskModel):
         )
         head_channels = tuple(head_channels) if head_channels else (max(width // 2, 1), max(width // 4, 1))
         self.heads = nn.ModuleDict(
-            {t.name: TaskExpertHead(width, t.channels, head_channels, upsample_stages) for t in self.tasks}
+            {
+                t.name: TaskExpertHead(width, t.channels, head_channels, upsample_stages, head_conv_first)
+                for t in self.tasks
+            }
         )
         self.fine_skip = None
         if fine_skip:
@@ -511,6 +532,25 @@ def taskexpert_conv_m(*, tasks: Sequence[Task], img_size: Sequence[int] = (96, 1
         "num_experts": 6,
         "head_channels": (32, 32),
         "fine_skip": True,
+        **kw,
+    }
+    return TaskExpert(tasks, img_size=img_size, **cfg)
+
+
+@register_model
+def taskexpert_conv_fast(*, tasks: Sequence[Task], img_size: Sequence[int] = (96, 128), **kw) -> TaskExpert:
+    """``taskexpert-conv-m`` made cheaper per training step on a CPU: 16 channels instead of 24 in the
+    encoder's half-resolution stage (its three 3x3 convs were the costliest layers of a training step:
+    a 24-channel conv at 48x64 took about twice as long as a 16-channel one on a 2-core AVX-512 EPYC),
+    and each head stage convolves on the 1/8 grid before upsampling. About 20% less time per step."""
+    cfg = {
+        "backbone": "conv",
+        "backbone_overrides": {"widths": (16, 48, 96, 192), "depth": 2, "stride": 8},
+        "width": 48,
+        "num_experts": 6,
+        "head_channels": (32, 32),
+        "fine_skip": True,
+        "head_conv_first": True,
         **kw,
     }
     return TaskExpert(tasks, img_size=img_size, **cfg)
