@@ -10,6 +10,10 @@ Two questions it answers:
   ``--models baseline-s mlore-tiny``
 
     python benchmarks/same_budget.py --minutes 3 --models baseline-xs baseline-m
+
+Seeds can be run apart and pooled: ``--first-seed 2 --seeds 1`` trains seed 2
+alone, and ``--combine a.json b.json --out c.json`` reports the seeds of both
+files together (same models and minutes, no seed twice) without training.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from _common import RESULTS, print_table, write_json
@@ -29,6 +34,63 @@ from edgemt.models.profile import count_macs, count_params
 from edgemt.stages import ensure_dataset
 from edgemt.tasks import resolve_tasks
 from edgemt.train.trainer import Trainer
+
+
+def _summarize(rows: list[dict], models: list[str]) -> dict[str, dict]:
+    """Mean and sample standard deviation of each model's Delta_m over its seeds."""
+    key = next(k for k in rows[0] if k.startswith("delta_m_vs_"))
+    summary = {}
+    for spec in models:
+        d = [r[key] for r in rows if r["model"] == spec]
+        mean = sum(d) / len(d)
+        std = (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5
+        summary[spec] = {"delta_m_mean_%": mean, "delta_m_std_%": std, "seeds": len(d)}
+    return summary
+
+
+def _print(rows: list[dict], summary: dict[str, dict], ref: str) -> None:
+    print_table(rows, list(rows[0].keys()))
+    for spec, v in summary.items():
+        print(f"{spec}: Δm vs {ref} {v['delta_m_mean_%']:+.2f}% ± {v['delta_m_std_%']:.2f} over {v['seeds']} seed(s)")
+
+
+def combine(paths: list[str], out: str | None) -> None:
+    """Pool result files of the same comparison (same models and minutes, different seeds)."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append((p, json.loads(Path(p).read_text())))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--combine: cannot read {p}: {e}") from None
+    first_path, first = runs[0]
+    models = list(dict.fromkeys(r["model"] for r in first["rows"]))
+    rows, seen = [], {}
+    for p, run in runs:
+        for field in ("minutes_per_model", "device"):
+            if run.get(field) != first.get(field):
+                raise SystemExit(f"--combine: {p} has {field}={run.get(field)!r}, {first_path} {first.get(field)!r}")
+        if list(dict.fromkeys(r["model"] for r in run["rows"])) != models:
+            raise SystemExit(f"--combine: {p} compares other models than {first_path} ({models})")
+        for r in run["rows"]:
+            if (r["model"], r["seed"]) in seen:
+                raise SystemExit(
+                    f"--combine: {r['model']} seed {r['seed']} is in both {seen[r['model'], r['seed']]} and {p}"
+                )
+            seen[r["model"], r["seed"]] = p
+            rows.append(r)
+    summary = _summarize(rows, models)
+    _print(rows, summary, models[0])
+    if out:
+        write_json(
+            out,
+            {
+                **{k: first[k] for k in ("device", "minutes_per_model", "threads")},
+                "combined_from": paths,
+                "seeds": len({r["seed"] for r in rows}),
+                "rows": rows,
+                "summary": summary,
+            },
+        )
 
 
 def main() -> None:
@@ -48,10 +110,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=0, help="data-loading processes (use some on a GPU)")
     ap.add_argument(
-        "--seeds", type=int, default=1, help="train every model this many times (seeds 0..N-1, models alternating)"
+        "--seeds", type=int, default=1, help="train every model this many times (models alternating within a seed)"
     )
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run first-seed..first-seed+N-1")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="pool earlier result files (different seeds) and exit; no training"
+    )
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     recipe = load_recipe("demo", {"data.root": args.data})
@@ -61,7 +130,10 @@ def main() -> None:
     tasks = resolve_tasks(recipe.data.tasks, train_set.num_classes)
 
     rows, results = [], {}
-    for seed in range(args.seeds):  # models alternate within a seed: a slow spell of the machine hits all
+    if args.seeds < 1 or args.first_seed < 0:
+        ap.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
+    # Models alternate within a seed: a slow spell of the machine hits all of them.
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for spec in args.models:
             name, _, extra = spec.partition("{")
             kwargs = json.loads("{" + extra) if extra else {}
@@ -100,15 +172,8 @@ def main() -> None:
     ref = args.models[0]
     for row in rows:  # against the reference model trained with the same seed
         row[f"delta_m_vs_{ref}_%"] = delta_m(results[row["model"], row["seed"]], results[ref, row["seed"]], tasks)
-    summary = {}
-    for spec in args.models:
-        d = [r[f"delta_m_vs_{ref}_%"] for r in rows if r["model"] == spec]
-        mean = sum(d) / len(d)
-        std = (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5
-        summary[spec] = {"delta_m_mean_%": mean, "delta_m_std_%": std, "seeds": len(d)}
-    print_table(rows, list(rows[0].keys()))
-    for spec, v in summary.items():
-        print(f"{spec}: Δm vs {ref} {v['delta_m_mean_%']:+.2f}% ± {v['delta_m_std_%']:.2f} over {v['seeds']} seed(s)")
+    summary = _summarize(rows, args.models)
+    _print(rows, summary, ref)
     out = args.out or RESULTS / f"same_budget_{'_vs_'.join(m.partition('{')[0] for m in args.models)}.json"
     write_json(
         out,
