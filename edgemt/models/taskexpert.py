@@ -543,14 +543,5 @@ def taskexpert_conv_fast(*, tasks: Sequence[Task], img_size: Sequence[int] = (96
     encoder's half-resolution stage (its three 3x3 convs were the costliest layers of a training step:
     a 24-channel conv at 48x64 took about twice as long as a 16-channel one on a 2-core AVX-512 EPYC),
     and each head stage convolves on the 1/8 grid before upsampling. About 20% less time per step."""
-    cfg = {
-        "backbone": "conv",
-        "backbone_overrides": {"widths": (16, 48, 96, 192), "depth": 2, "stride": 8},
-        "width": 48,
-        "num_experts": 6,
-        "head_channels": (32, 32),
-        "fine_skip": True,
-        "head_conv_first": True,
-        **kw,
-    }
-    return TaskExpert(tasks, img_size=img_size, **cfg)
+    over = {"backbone_overrides": {"widths": (16, 48, 96, 192), "depth": 2, "stride": 8}, "head_conv_first": True}
+    return taskexpert_conv_m(tasks=tasks, img_size=img_size, **{**over, **kw})
