@@ -269,3 +269,28 @@ def test_head_conv_first_convolves_on_the_token_grid(tmp_path, name: str, conv_f
 def test_head_conv_first_must_be_a_bool() -> None:
     with pytest.raises(ConfigError, match="head_conv_first"):
         _model(head_conv_first="yes")
+
+
+def test_fine_skip_into_the_last_conv() -> None:
+    """fine_skip_into='conv': the stride-4 detail is added to the last 3x3 conv's input, not the prediction's."""
+    from edgemt.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("taskexpert-conv-fast", tasks=_tasks(NYUD), img_size=(32, 48), fine_skip_into="conv").eval()
+    head = m.heads["edge"]
+    x = _images(2)[..., :32, :48]
+    seen = {}
+    hook = head.body[-1].register_forward_hook(lambda mod, inp, out: seen.setdefault("in", inp[0]))
+    with torch.no_grad():
+        m(x)
+        hook.remove()
+        maps = m.last_memory[-1]["edge"]
+        _, fine = m.backbone.forward_with_fine(x)
+        expected = head.body[:-1](maps) + m.fine_skip["edge"](fine)
+    assert torch.allclose(seen["in"], expected, atol=1e-6)
+    assert m.fine_skip["edge"].out_channels == head.body[-1][0].in_channels
+    m.train()
+    sum(v.mean() for v in m(x).values()).backward()
+    assert all(p.grad is not None for p in m.fine_skip.parameters())
+    with pytest.raises(ConfigError, match="fine_skip_into"):
+        create_model("taskexpert-conv-fast", tasks=_tasks(NYUD), img_size=(32, 48), fine_skip_into="head")

@@ -89,6 +89,7 @@ EXPERT_TYPES = ("linear", "mlp")
 GATE_GRANULARITIES = ("pixel", "image")
 MEMORY_UPDATES = ("add", "gated", "replace")
 MEMORY_INITS = ("first", "zeros")
+SKIP_INTO = ("pred", "conv")
 
 NYUD_SIZE = (448, 576)
 PASCAL_SIZE = (512, 512)
@@ -240,10 +241,14 @@ class TaskExpertHead(nn.Module):
         head_channels: Sequence[int],
         upsample_stages: int = 2,
         conv_first: bool = False,
+        skip_into: str = "pred",
     ) -> None:
         super().__init__()
         if conv_first not in (True, False):
             raise ConfigError(f"head_conv_first: expected true or false, got {conv_first!r}")
+        if skip_into not in SKIP_INTO:
+            raise ConfigError(f"fine_skip_into {skip_into!r}; expected one of {SKIP_INTO}")
+        self.skip_into = skip_into
         c1, c2 = (int(c) for c in head_channels)
         # One bilinear x2 + conv stage per octave from the feature grid to 1/4 (2 from a ViT's 1/16).
         # conv_first runs each stage's conv before its upsampling, on the coarser grid (a quarter of
@@ -255,13 +260,18 @@ class TaskExpertHead(nn.Module):
             up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
             layers += [_conv_bn_gelu(cin, cout), up] if conv_first else [up, _conv_bn_gelu(cin, cout)]
             cin = cout
+        # The detail skip's width: the last conv's input ("conv") or the prediction's input ("pred").
+        self.skip_channels = cin if skip_into == "conv" else c2
         layers.append(_conv_bn_gelu(cin, c2))
         self.body = nn.Sequential(*layers)
         self.pred = nn.Conv2d(c2, channels, 1)
 
     def forward(self, memory_map: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.body(memory_map)
-        return self.pred(h if skip is None else h + skip)
+        if skip is None:
+            return self.pred(self.body(memory_map))
+        if self.skip_into == "conv":  # the 1/4 detail goes through the last 3x3 conv
+            return self.pred(self.body[-1](self.body[:-1](memory_map) + skip))
+        return self.pred(self.body(memory_map) + skip)
 
 
 class TaskExpert(MultiTaskModel):
@@ -289,6 +299,8 @@ class TaskExpert(MultiTaskModel):
         fine_skip: conv backbone only, and NOT in the paper: each head adds a 1x1
             projection of the encoder's stride-4 features at 1/4, for boundary detail
             that a 1/8 token grid cannot carry (the CPU-scale variant uses it).
+        fine_skip_into: ``"pred"`` (default: the skip is added to the prediction conv's input)
+            or ``"conv"`` (added before the last 3x3 conv at 1/4, which then mixes the detail in).
         head_conv_first: NOT in the paper: each head stage convolves on the coarser grid and
             then upsamples (default: upsample, then convolve, InvPT-style).
 
@@ -318,6 +330,7 @@ class TaskExpert(MultiTaskModel):
         balance_weight: float = 0.0,
         fine_skip: bool = False,
         head_conv_first: bool = False,
+        fine_skip_into: str = "pred",
     ) -> None:
         super().__init__(tasks)
         if memory_init not in MEMORY_INITS:
@@ -359,7 +372,9 @@ class TaskExpert(MultiTaskModel):
         head_channels = tuple(head_channels) if head_channels else (max(width // 2, 1), max(width // 4, 1))
         self.heads = nn.ModuleDict(
             {
-                t.name: TaskExpertHead(width, t.channels, head_channels, upsample_stages, head_conv_first)
+                t.name: TaskExpertHead(
+                    width, t.channels, head_channels, upsample_stages, head_conv_first, fine_skip_into
+                )
                 for t in self.tasks
             }
         )
@@ -368,7 +383,9 @@ class TaskExpert(MultiTaskModel):
             if self.tap_proj is None:
                 raise ConfigError("fine_skip needs the conv backbone (backbone='conv')")
             c_fine = self.backbone.tap_channels[1]
-            self.fine_skip = nn.ModuleDict({t.name: nn.Conv2d(c_fine, head_channels[1], 1) for t in self.tasks})
+            self.fine_skip = nn.ModuleDict(
+                {t.name: nn.Conv2d(c_fine, self.heads[t.name].skip_channels, 1) for t in self.tasks}
+            )
         self.last_gates: list[dict[str, torch.Tensor]] = []
         self.last_task_features: list[dict[str, torch.Tensor]] = []
         self.last_memory: list[dict[str, torch.Tensor]] = []
