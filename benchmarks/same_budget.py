@@ -118,6 +118,8 @@ def main() -> None:
         "--combine", nargs="+", metavar="JSON", help="pool earlier result files (different seeds) and exit; no training"
     )
     args = ap.parse_args()
+    if args.seeds < 1 or args.first_seed < 0:
+        ap.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
     if args.combine:
         combine(args.combine, args.out)
         return
@@ -130,8 +132,6 @@ def main() -> None:
     tasks = resolve_tasks(recipe.data.tasks, train_set.num_classes)
 
     rows, results = [], {}
-    if args.seeds < 1 or args.first_seed < 0:
-        ap.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
     # Models alternate within a seed: a slow spell of the machine hits all of them.
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for spec in args.models:
