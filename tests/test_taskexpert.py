@@ -276,8 +276,14 @@ def test_fine_skip_into_the_last_conv() -> None:
     from edgemt.models import create_model
 
     torch.manual_seed(0)
-    m = create_model("taskexpert-conv-fast", tasks=_tasks(NYUD), img_size=(32, 48), fine_skip_into="conv").eval()
+    m = create_model("taskexpert-conv-fast", tasks=_tasks(NYUD), img_size=(32, 48)).eval()
     head = m.heads["edge"]
+    # conv-fast's default (the 4-seed same-budget winner); conv-m keeps the skip at the prediction.
+    assert {h.skip_into for h in m.heads.values()} == {"conv"}
+    conv_m = create_model("taskexpert-conv-m", tasks=_tasks(NYUD), img_size=(32, 48))
+    assert {h.skip_into for h in conv_m.heads.values()} == {"pred"}
+    pred = create_model("taskexpert-conv-fast", tasks=_tasks(NYUD), img_size=(32, 48), fine_skip_into="pred")
+    assert {h.skip_into for h in pred.heads.values()} == {"pred"}
     x = _images(2)[..., :32, :48]
     seen = {}
     hook = head.body[-1].register_forward_hook(lambda mod, inp, out: seen.setdefault("in", inp[0]))
